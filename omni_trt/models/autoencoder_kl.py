@@ -1,0 +1,92 @@
+"""The VAE decoder of the AutoencoderKL families (Z-Image, Flux, SD3): exports as it is."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, Mapping
+
+from .base import ComponentSpec, Engine, Point, ReferenceCase, TensorSpec
+
+FACTOR = 8  # pixels per latent cell
+
+
+def _latent_shape(channels: int):
+    return lambda p: (p.batch, channels, p.height // FACTOR, p.width // FACTOR)
+
+
+def _image_shape(p: Point) -> tuple[int, ...]:
+    return (p.batch, 3, p.height, p.width)
+
+
+def _wrapper(vae: Any) -> Any:
+    import torch
+
+    class VaeDecoder(torch.nn.Module):
+        def __init__(self, vae: Any) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent: torch.Tensor) -> torch.Tensor:
+            return self.vae.decode(latent, return_dict=False)[0]
+
+    return VaeDecoder(vae)
+
+
+def _reference_case(vae: Any, point: Point, dtype: Any, generator: Any) -> ReferenceCase:
+    import torch
+
+    shape = _latent_shape(vae.config.latent_channels)(point)
+    latent = torch.randn(shape, generator=generator).to(dtype)
+    with torch.no_grad():
+        image = vae.decode(latent, return_dict=False)[0]
+    return ReferenceCase(inputs={"latent": latent}, expected={"image": image})
+
+
+def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
+    import torch
+    from diffusers.configuration_utils import FrozenDict
+
+    class VaeDecoderStandIn(torch.nn.Module):
+        """Answers `vae.decode(z, return_dict=False)` from an engine; no weights."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = FrozenDict(config)
+            self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
+
+        @property
+        def dtype(self) -> torch.dtype:
+            return self._anchor.dtype
+
+        @property
+        def device(self) -> torch.device:
+            return self._anchor.device
+
+        # The pipeline may call these from --vae-use-slicing/--vae-use-tiling; an engine
+        # decodes the whole batch in one call, so they are no-ops here.
+        def enable_slicing(self) -> None: ...
+
+        def enable_tiling(self) -> None: ...
+
+        def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
+            image = engine({"latent": z})["image"]
+            return (image,) if not return_dict else SimpleNamespace(sample=image)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.decode(z, return_dict=False)[0]
+
+    return VaeDecoderStandIn()
+
+
+def vae_decoder_spec(latent_channels: int = 16) -> ComponentSpec:
+    dims = {0: "batch", 2: "latent_height", 3: "latent_width"}
+    return ComponentSpec(
+        name="vae_decoder",
+        pipeline_attr="vae",
+        inputs=(TensorSpec("latent", _latent_shape(latent_channels), dims),),
+        outputs=(TensorSpec("image", _image_shape, {0: "batch", 2: "height", 3: "width"}),),
+        wrapper=_wrapper,
+        reference_case=_reference_case,
+        standin=_standin,
+        allow_fp16=False,  # NVIDIA's demo: fp16 Flux-style VAEs lose accuracy
+    )

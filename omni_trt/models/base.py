@@ -1,0 +1,166 @@
+"""The family contract: what export, build, runtime and server need to know about one model family.
+
+Each family module builds one `Family` from these pieces. Shape arithmetic lives in
+`TensorSpec.shape` (a function of a request-space `Point`), and export sample inputs, engine
+profiles and runtime range checks are all derived from it, so it is written once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
+
+if TYPE_CHECKING:  # torch is heavy; the server's pure parts import this module too
+    import torch
+
+COMPONENTS = ("transformer", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Request defaults of a family; the same on every endpoint."""
+
+    steps: int
+    width: int
+    height: int
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class SizeRules:
+    """Which image sizes a family can make (pixels)."""
+
+    multiple_of: int
+    min_side: int
+    max_side: int
+
+
+@dataclass(frozen=True)
+class Point:
+    """A point in request space that fixes every tensor dim of a component.
+
+    batch: the component's batch (for the transformer this includes CFG copies when the
+    family runs CFG as one batch); height/width: image pixels; text_len: text tokens the
+    transformer sees (after any padding the family does).
+    """
+
+    batch: int
+    height: int
+    width: int
+    text_len: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One ONNX / engine input or output.
+
+    shape: concrete shape at a request point. dynamic: axis -> dim name; tensors sharing a
+    name share the dim (one torch.export.Dim, one ONNX dim_param). dtype: "compute" means
+    the export dtype (bf16/fp16/fp32); otherwise a torch dtype name ("float32", "int64", "bool").
+    """
+
+    name: str
+    shape: Callable[[Point], tuple[int, ...]]
+    dynamic: Mapping[int, str] = field(default_factory=dict)
+    dtype: str = "compute"
+
+
+class Engine(Protocol):
+    """What a stand-in module calls: named tensors in, named tensors out."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+    def __call__(self, feeds: Mapping[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]: ...
+
+
+@dataclass(frozen=True)
+class ReferenceCase:
+    """Inputs for the tensor-only wrapper, and what the ORIGINAL diffusers forward returned
+    for the equivalent original inputs (the validation target)."""
+
+    inputs: dict[str, "torch.Tensor"]
+    expected: dict[str, "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exportable component (the transformer or the VAE decoder) of a family.
+
+    pipeline_attr: the pipeline attribute holding the module ("transformer" or "vae").
+    wrapper(module): a tensor-only nn.Module; forward takes the inputs in `inputs` order and
+        returns the outputs in `outputs` order (a tensor or a tuple of tensors).
+    reference_case(module, point, dtype, generator): random original inputs at `point`, run
+        through the original forward; the same values prepared for the wrapper.
+    standin(config, engine): a module the pipeline can call in place of the original (same
+        signature and return type), built from the component's config alone (no weights).
+    allow_fp16: False where fp16 is known to be inaccurate (Flux-style VAEs).
+    """
+
+    name: str
+    pipeline_attr: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrapper: Callable[[Any], Any]
+    reference_case: Callable[..., ReferenceCase]
+    standin: Callable[[Mapping[str, Any], Engine], Any] | None = None
+    allow_fp16: bool = True
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def shapes(self, point: Point) -> dict[str, tuple[int, ...]]:
+        return {t.name: tuple(t.shape(point)) for t in self.inputs}
+
+    def profile(self, lo: Point, opt: Point, hi: Point) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """min/opt/max shape per input, for a TensorRT optimization profile."""
+        return {t.name: (tuple(t.shape(lo)), tuple(t.shape(opt)), tuple(t.shape(hi))) for t in self.inputs}
+
+
+# Optional request fields a family may take, beyond prompt/size/steps/seed/n.
+FIELD_NEGATIVE_PROMPT = "negative_prompt"
+FIELD_GUIDANCE = "guidance_scale"
+FIELD_TRUE_CFG = "true_cfg_scale"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything about one model family, declared once.
+
+    name: short name used on the command line ("z-image").
+    pipeline_class: diffusers class name in model_index.json.
+    fields: which optional request fields apply (FIELD_*); others are ignored for this family.
+    text_len: (min, opt, max) text tokens the transformer sees, for engine profiles.
+    cfg_batch_above: the pipeline doubles the transformer batch for CFG when guidance_scale is
+        above this (Z-Image: 0, SD3: 1); None where CFG is a second call (Qwen-Image, Flux).
+    components: ComponentSpec per name in COMPONENTS.
+    build_tiny(dir): write a tiny random-weight pipeline loadable with from_pretrained(dir).
+    sample_points: two distinct points (every dynamic dim > 1 and different) used for export
+        and validation; None lets export derive them from the size rules.
+    """
+
+    name: str
+    pipeline_class: str
+    defaults: Defaults
+    size: SizeRules
+    fields: frozenset[str]
+    text_len: tuple[int, int, int]
+    cfg_batch_above: float | None
+    components: Mapping[str, ComponentSpec]
+    build_tiny: Callable[[Path], None]
+    sample_points: tuple[Point, Point] | None = None
+
+    def transformer_batch(self, images: int, guidance_scale: float | None) -> int:
+        """The transformer's batch for `images` images: doubled where the family runs CFG as one
+        batch and the guidance asks for it. True CFG (a second call) keeps the batch."""
+        if self.cfg_batch_above is None:
+            return images
+        scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
+        return images * 2 if scale is not None and scale > self.cfg_batch_above else images

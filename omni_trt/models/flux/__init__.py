@@ -1,0 +1,18 @@
+"""FLUX.1 (black-forest-labs/FLUX.1-dev): FluxPipeline."""
+
+from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, SizeRules
+from .tiny import build_tiny
+
+FAMILY = Family(
+    name="flux",
+    pipeline_class="FluxPipeline",
+    # Guidance is an embedding (no CFG batch); true CFG needs a negative prompt and true_cfg_scale > 1.
+    defaults=Defaults(steps=28, width=1024, height=1024, guidance_scale=3.5, true_cfg_scale=1.0),
+    size=SizeRules(multiple_of=16, min_side=64, max_side=2048),
+    fields=frozenset({FIELD_GUIDANCE, FIELD_TRUE_CFG, FIELD_NEGATIVE_PROMPT}),
+    # T5 prompts are always padded to max_sequence_length (512).
+    text_len=(512, 512, 512),
+    cfg_batch_above=None,
+    components={},
+    build_tiny=build_tiny,
+)

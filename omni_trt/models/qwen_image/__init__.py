@@ -1,0 +1,17 @@
+"""Qwen-Image (Qwen/Qwen-Image): QwenImagePipeline."""
+
+from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, SizeRules
+from .tiny import build_tiny
+
+FAMILY = Family(
+    name="qwen-image",
+    pipeline_class="QwenImagePipeline",
+    # True CFG runs only when a negative prompt is given (a second transformer call per step).
+    defaults=Defaults(steps=50, width=1024, height=1024, true_cfg_scale=4.0),
+    size=SizeRules(multiple_of=16, min_side=64, max_side=2048),
+    fields=frozenset({FIELD_TRUE_CFG, FIELD_NEGATIVE_PROMPT}),
+    text_len=(1, 128, 512),
+    cfg_batch_above=None,
+    components={},
+    build_tiny=build_tiny,
+)

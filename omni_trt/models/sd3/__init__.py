@@ -1,0 +1,18 @@
+"""Stable Diffusion 3 / 3.5: StableDiffusion3Pipeline."""
+
+from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, SizeRules
+from .tiny import build_tiny
+
+FAMILY = Family(
+    name="sd3",
+    pipeline_class="StableDiffusion3Pipeline",
+    # SD3.5 Large's card: 28 steps, guidance 3.5; CFG doubles the transformer batch.
+    defaults=Defaults(steps=28, width=1024, height=1024, guidance_scale=3.5),
+    size=SizeRules(multiple_of=16, min_side=64, max_side=2048),
+    fields=frozenset({FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT}),
+    # 77 CLIP tokens + 256 T5 tokens (the pipeline's max_sequence_length), always padded.
+    text_len=(333, 333, 333),
+    cfg_batch_above=1.0,
+    components={},
+    build_tiny=build_tiny,
+)

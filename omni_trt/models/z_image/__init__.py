@@ -1,0 +1,20 @@
+"""Z-Image (Tongyi-MAI/Z-Image-Turbo): ZImagePipeline."""
+
+from ..autoencoder_kl import vae_decoder_spec
+from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, SizeRules
+from .tiny import build_tiny
+
+FAMILY = Family(
+    name="z-image",
+    pipeline_class="ZImagePipeline",
+    # Turbo: 9 steps (8 transformer passes), no CFG.
+    defaults=Defaults(steps=9, width=1024, height=1024, guidance_scale=0.0),
+    # VAE x8 then 2x2 patches.
+    size=SizeRules(multiple_of=16, min_side=64, max_side=2048),
+    fields=frozenset({FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT}),
+    # Captions are padded to a multiple of 32 inside the model; 512 is the pipeline's max.
+    text_len=(32, 128, 512),
+    cfg_batch_above=0.0,
+    components={"vae_decoder": vae_decoder_spec(latent_channels=16)},
+    build_tiny=build_tiny,
+)
