@@ -63,3 +63,46 @@ def qwen2_tokenizer(chat_template: str | None = None, model_max_length: int = 10
     if chat_template is not None:
         tok.chat_template = chat_template
     return tok
+
+
+CLIP_BOS = "<|startoftext|>"
+CLIP_EOS = "<|endoftext|>"
+
+
+def clip_tokenizer(model_max_length: int = 77, pad_token: str = CLIP_EOS):
+    """A tiny CLIPTokenizer: every byte and byte+</w> is a token (no merges), so any text
+    tokenizes without unknowns. model_max_length must be set: Flux and SD3 pad CLIP prompts to
+    it, and CLIP's position table has 77 rows. SD3's second CLIP (bigG) pads with "!"."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab[CLIP_BOS] = len(vocab)
+    vocab[CLIP_EOS] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], pad_token=pad_token, model_max_length=model_max_length)
+
+
+def t5_tokenizer(model_max_length: int = 512):
+    """A tiny T5 (Unigram) tokenizer: whole corpus words, then single ASCII characters as the
+    fallback (others map to <unk>). Ids 0/1/2 are <pad>/</s>/<unk> as in T5; no sentinel tokens."""
+    import re
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    seen = {p for p, _ in pieces}
+
+    def add(piece: str, score: float) -> None:
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, score))
+
+    for c in string.ascii_letters + string.digits + string.punctuation:
+        add(c, -6.0)
+        add("\u2581" + c, -7.0)
+    for word in sorted({w for line in _CORPUS for w in re.findall(r"[A-Za-z]+", line)}):
+        add("\u2581" + word, -3.0)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
