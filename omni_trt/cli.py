@@ -1,0 +1,168 @@
+"""The `omni` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .models import DEMO_FAMILY, FAMILIES, ModelNotFound, UnsupportedModel
+
+log = logging.getLogger("omni_trt")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="hub id (org/name) or local diffusers pipeline folder; "
+                   f"omitted: the embedded tiny demo model ({DEMO_FAMILY}, random weights, built on first use)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--vae-use-slicing", action="store_true", help="decode a batch one image at a time (less memory)")
+    p.add_argument("--vae-use-tiling", action="store_true", help="decode large images in tiles (less memory)")
+
+
+def _model_or_demo(model: str | None) -> str:
+    if model is not None:
+        return model
+    from .runtime.demo import ensure_demo_model
+
+    return str(ensure_demo_model())
+
+
+def _loader(args: argparse.Namespace) -> Callable[[], Any]:
+    """A function that loads the runtime; serve calls it after the server is listening."""
+    from .runtime.pipeline import LoadOptions, load_pipeline
+
+    def load() -> Any:
+        model = _model_or_demo(args.model)
+        opts = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling)
+        return load_pipeline(model, opts)
+
+    return load
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server.app import ServerOptions, create_app
+
+    if args.model is not None:
+        from .models import detect_family
+
+        detect_family(args.model)  # fail before listening: a wrong path is not a 503
+    name = args.served_model_name or args.model or f"omni-trt/demo-{DEMO_FAMILY}"
+    options = ServerOptions(served_model_name=name, max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=args.api_key)
+    app = create_app(options, _loader(args))
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10))
+    state = app.state.omni
+    state.on_load_error = lambda e: setattr(server, "should_exit", True)
+    log.info("serving %s on http://%s:%d (loading the model in the background; /health says when ready)", name, args.host, args.port)
+    server.run()
+    if state.load_error:
+        print(f"error: the model failed to load: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .runtime.request import RequestError, resolve
+    from .server.encoding import encode_image
+
+    runtime = _loader(args)()
+    try:
+        req = resolve(
+            runtime.family, args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
+            true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seed=args.seed, limits=runtime.limits,
+        )
+    except RequestError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    result = runtime.generate([req])
+    out = Path(args.output)
+    paths = [out] if req.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(req.n)]
+    fmt = {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(out.suffix.lower(), "png")
+    for path, image in zip(paths, result.images[0]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_image(image, fmt))
+        print(path)
+    stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.stages.items())
+    print(f"seed {req.seed}, {req.width}x{req.height}, {req.steps} steps: {stages}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from .runtime.demo import build_demo_model
+
+    path = build_demo_model(Path(args.dir), args.family)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni", description="TensorRT-accelerated serving of diffusers text-to-image pipelines.")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible image API", description=(
+        "Serve /v1/images/generations and /v1/chat/completions (image output) for a diffusers pipeline. "
+        "The server listens at once and answers 503 until the model is loaded."))
+    _add_load_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model id)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default: 64)")
+    p.add_argument("--max-batch-size", type=int, default=4, help="images per pipeline call when batching compatible requests (default: 4)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="make one image without a server", description="Generate images with the same defaults and validation as the API.")
+    _add_load_args(p)
+    p.add_argument("--prompt", "-p", required=True, help="text prompt")
+    p.add_argument("--size", default=None, help="WxH, e.g. 1024x1024 (default: the family's)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    p.add_argument("--steps", type=int, default=None, help="inference steps (default: the family's)")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--true-cfg-scale", type=float, default=None)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("-n", type=int, default=1, help="number of images (files get -0, -1, ... suffixes)")
+    p.add_argument("--output", "-o", default="out.png", help="output file; .png, .jpg or .webp (default: out.png)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo-model", help="write a tiny random-weight pipeline of a family", description=(
+        "Write a tiny random-weight pipeline (real diffusers classes) loadable with DiffusionPipeline.from_pretrained(DIR)."))
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--family", choices=sorted(FAMILIES), default=DEMO_FAMILY)
+    p.set_defaults(func=cmd_demo_model)
+
+    for module in ("omni_trt.build.command", "omni_trt.bench"):
+        try:
+            mod = __import__(module, fromlist=["add_parsers"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except (ModelNotFound, UnsupportedModel) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Generation requests: parsing, family defaults and validation as pure functions.
+
+The HTTP routes and `omni generate` both go through `resolve()`, so defaults and messages are
+the same everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..models.base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Family
+
+MAX_IMAGES = 10
+MAX_STEPS = 200
+MAX_SCALE = 20.0
+SEED_LIMIT = 2**63
+
+
+class RequestError(ValueError):
+    """A request the server will not run: `status` is the HTTP status (400 or 422), `param` the
+    offending field."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """What sizes can be made: the family's rules, narrowed by a built engine profile."""
+
+    multiple_of: int
+    min_side: int
+    max_side: int
+    # An engine profile bounds width and height separately; None means the sides rule alone.
+    min_width: int | None = None
+    max_width: int | None = None
+    min_height: int | None = None
+    max_height: int | None = None
+    source: str = "model"
+
+    @classmethod
+    def of(cls, family: Family) -> "SizeLimits":
+        return cls(family.size.multiple_of, family.size.min_side, family.size.max_side)
+
+    def describe(self) -> str:
+        if self.min_width is not None:
+            return (
+                f"width {self.min_width}..{self.max_width} and height {self.min_height}..{self.max_height}, "
+                f"multiples of {self.multiple_of} ({self.source})"
+            )
+        return f"sides {self.min_side}..{self.max_side}, multiples of {self.multiple_of} ({self.source})"
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'WxH' -> (width, height). Lower-case x, positive integers."""
+    if not isinstance(size, str):
+        raise RequestError(f"size must be a string 'WxH', got {type(size).__name__}", "size")
+    parts = size.strip().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise RequestError(f"invalid size {size!r}: expected 'WxH' with positive integers, e.g. '1024x1024'", "size")
+    width, height = int(parts[0]), int(parts[1])
+    if width <= 0 or height <= 0:
+        raise RequestError(f"invalid size {size!r}: width and height must be positive", "size")
+    return width, height
+
+
+def check_size(width: int, height: int, limits: SizeLimits) -> None:
+    """Raise RequestError (400, param 'size') unless the model (and engine) can make this size."""
+    size = f"{width}x{height}"
+    m = limits.multiple_of
+    if width % m or height % m:
+        raise RequestError(f"size {size} is not allowed: width and height must be multiples of {m}; allowed: {limits.describe()}", "size")
+    if limits.min_width is not None:
+        ok = limits.min_width <= width <= limits.max_width and limits.min_height <= height <= limits.max_height
+    else:
+        ok = all(limits.min_side <= s <= limits.max_side for s in (width, height))
+    if not ok:
+        raise RequestError(f"size {size} is outside the allowed range: {limits.describe()}", "size")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request with every default filled in."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    n: int = 1
+    negative_prompt: str | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    output_format: str = "png"
+    output_compression: int | None = None
+    request_id: str = field(default="", compare=False)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.steps, self.guidance_scale, self.true_cfg_scale, self.negative_prompt is None)
+
+    def image_seeds(self) -> list[int]:
+        """One seed per image, from (request seed, image index): the same alone or batched."""
+        return [(self.seed + i) % SEED_LIMIT for i in range(self.n)]
+
+
+def _number(name: str, value: Any, lo: float, hi: float, integer: bool) -> Any:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}", name, 422)
+    if not lo <= value <= hi:
+        raise RequestError(f"{name} must be between {lo:g} and {hi:g}, got {value}", name, 422)
+    return value if integer else float(value)
+
+
+def resolve(
+    family: Family,
+    prompt: str,
+    *,
+    size: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    n: int = 1,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    true_cfg_scale: float | None = None,
+    negative_prompt: str | None = None,
+    seed: int | None = None,
+    output_format: str = "png",
+    output_compression: int | None = None,
+    limits: SizeLimits | None = None,
+    request_id: str = "",
+) -> GenerationRequest:
+    """Fill the family's defaults and validate. `size` wins over width/height. Fields that do
+    not apply to the family (e.g. true_cfg_scale for Z-Image) are dropped, not errors: generic
+    clients send them to every model."""
+    if not isinstance(prompt, str):
+        raise RequestError("prompt must be a string", "prompt", 422)
+    if not prompt.strip():
+        raise RequestError("prompt must not be empty", "prompt", 400)
+    defaults = family.defaults
+    if size is not None:
+        width, height = parse_size(size)
+    else:
+        for name, v in (("width", width), ("height", height)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise RequestError(f"invalid size: {name} must be a positive integer, got {v!r}", "size", 422)
+        width = width or defaults.width
+        height = height or defaults.height
+    check_size(width, height, limits or SizeLimits.of(family))
+    n = _number("n", n, 1, MAX_IMAGES, integer=True)
+    steps = defaults.steps if steps is None else _number("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
+    if guidance_scale is not None:
+        guidance_scale = _number("guidance_scale", guidance_scale, 0.0, MAX_SCALE, integer=False)
+    if true_cfg_scale is not None:
+        true_cfg_scale = _number("true_cfg_scale", true_cfg_scale, 0.0, MAX_SCALE, integer=False)
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise RequestError("negative_prompt must be a string", "negative_prompt", 422)
+    if seed is None:
+        seed = random.randrange(2**31)
+    else:
+        seed = _number("seed", seed, 0, SEED_LIMIT - 1, integer=True)
+    if output_format not in ("png", "jpeg", "webp"):
+        raise RequestError(f"output_format must be one of png, jpeg, webp, got {output_format!r}", "output_format", 422)
+    if output_compression is not None:
+        output_compression = _number("output_compression", output_compression, 0, 100, integer=True)
+    fields = family.fields
+    return GenerationRequest(
+        prompt=prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        seed=seed,
+        n=n,
+        negative_prompt=negative_prompt if FIELD_NEGATIVE_PROMPT in fields else None,
+        guidance_scale=(defaults.guidance_scale if guidance_scale is None else guidance_scale) if FIELD_GUIDANCE in fields else None,
+        true_cfg_scale=(defaults.true_cfg_scale if true_cfg_scale is None else true_cfg_scale) if FIELD_TRUE_CFG in fields else None,
+        output_format=output_format,
+        output_compression=output_compression,
+        request_id=request_id,
+    )
+
+
+def pipeline_kwargs(requests: list[GenerationRequest]) -> dict[str, Any]:
+    """One diffusers call for a batch of compatible requests: prompts repeated per image,
+    one generator per image."""
+    import torch
+
+    first = requests[0]
+    assert all(r.batch_key() == first.batch_key() for r in requests), "batch mixes incompatible requests"
+    prompts = [r.prompt for r in requests for _ in range(r.n)]
+    kwargs: dict[str, Any] = {
+        # A fresh list: ZImagePipeline writes the templated text back into the caller's list.
+        "prompt": list(prompts),
+        "height": first.height,
+        "width": first.width,
+        "num_inference_steps": first.steps,
+        "num_images_per_prompt": 1,
+        "generator": [torch.Generator("cpu").manual_seed(s) for r in requests for s in r.image_seeds()],
+        "output_type": "pil",
+    }
+    if first.negative_prompt is not None:
+        kwargs["negative_prompt"] = [r.negative_prompt for r in requests for _ in range(r.n)]
+    if first.guidance_scale is not None:
+        kwargs["guidance_scale"] = first.guidance_scale
+    if first.true_cfg_scale is not None:
+        kwargs["true_cfg_scale"] = first.true_cfg_scale
+    return kwargs

@@ -1,0 +1,55 @@
+"""Prometheus metrics, in a registry per app so tests can run several servers in one process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+disable_created_metrics()  # *_created series double the output and say nothing useful here
+
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+KNOWN_ROUTES = ("/v1/images/generations", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("omni_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.queue_depth = Gauge("omni_queue_depth", "Requests waiting for the worker", registry=r)
+        self.queue_wait = Histogram("omni_queue_wait_seconds", "Time from enqueue to batch start", buckets=STAGE_BUCKETS, registry=r)
+        self.stage = Histogram("omni_stage_seconds", "Time per stage of a batch", ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.batch_images = Histogram("omni_batch_images", "Images per pipeline call", buckets=(1, 2, 4, 8, 16, 32), registry=r)
+        self.images = Counter("omni_images_generated", "Images generated", registry=r)
+        self.dropped = Counter("omni_requests_dropped", "Queued requests dropped because the client left", registry=r)
+
+    def observe_request(self, path: str, status: int) -> None:
+        self.requests.labels(route=path if path in KNOWN_ROUTES else "other", status=str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestCounter:
+    """Pure ASGI middleware (BaseHTTPMiddleware would hide client disconnects from routes)."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.observe_request(scope.get("path", ""), status[0])
