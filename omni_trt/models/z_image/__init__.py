@@ -1,8 +1,9 @@
 """Z-Image (Tongyi-MAI/Z-Image-Turbo): ZImagePipeline."""
 
 from ..autoencoder_kl import vae_decoder_spec
-from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, SizeRules
+from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, Point, SizeRules
 from .tiny import build_tiny
+from .transformer import transformer_spec
 
 FAMILY = Family(
     name="z-image",
@@ -15,6 +16,11 @@ FAMILY = Family(
     # Captions are padded to a multiple of 32 inside the model; 512 is the pipeline's max.
     text_len=(32, 128, 512),
     cfg_batch_above=0.0,
-    components={"vae_decoder": vae_decoder_spec(latent_channels=16)},
+    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
     build_tiny=build_tiny,
+    # Image tokens and captions are both padded to multiples of 32, so the derived points (text_len
+    # 32, <= 32 image tokens) would make the two dims equal and torch.export would merge them.
+    # Here: batch 2, 32 image tokens, 96 caption tokens; then batch 3, 64 image tokens (35 real),
+    # 128 caption tokens (captions of 123/84/45 tokens: pad-to-32 rows and batch padding).
+    sample_points=(Point(batch=2, height=64, width=96, text_len=96), Point(batch=3, height=80, width=112, text_len=128)),
 )
