@@ -101,7 +101,12 @@ def build_tiny(out_dir: Path) -> None:
     tokenizer = qwen2_tokenizer()
     text_encoder = tiny_text_encoder(tokenizer)
     vae = tiny_vae()
-    init_small(transformer, text_encoder)  # the VAE keeps its default init: outputs with contrast
+    # std 0.2 ~ 1/sqrt(width) keeps the tiny transformer's activations at unit scale, so the prompt
+    # (and true CFG) visibly steers the latents; at 0.02 the text barely reaches the output and
+    # tests comparing engine and torch pipelines would not notice a wrong text path.
+    init_small(transformer, std=0.2)
+    init_small(text_encoder)
+    # The VAE keeps its default init: decoded images have contrast to compare.
     pipe = QwenImagePipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
         vae=vae,
