@@ -2,6 +2,8 @@
 
 from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, SizeRules
 from .tiny import build_tiny
+from .transformer import transformer_spec
+from .vae import vae_decoder_spec
 
 FAMILY = Family(
     name="qwen-image",
@@ -12,6 +14,8 @@ FAMILY = Family(
     fields=frozenset({FIELD_TRUE_CFG, FIELD_NEGATIVE_PROMPT}),
     text_len=(1, 128, 512),
     cfg_batch_above=None,
-    components={},
+    # Specs carry the released model's static feature dims; transformer_spec(config) /
+    # vae_decoder_spec(config) give them for another config (the tiny test model).
+    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec()},
     build_tiny=build_tiny,
 )
