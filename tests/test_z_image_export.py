@@ -29,9 +29,7 @@ def exported(tiny_pipeline, tmp_path_factory):
 
 
 def _tiny_spec(config) -> object:
-    return transformer_spec(
-        in_channels=config["in_channels"], cap_feat_dim=config["cap_feat_dim"], axes_dims=config["axes_dims"]
-    )
+    return transformer_spec(dict(config))  # the tiny model's static feature dims
 
 
 def test_transformer_export_dynamic_and_matches_original(exported):

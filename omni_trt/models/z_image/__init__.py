@@ -22,5 +22,8 @@ FAMILY = Family(
     # 32, <= 32 image tokens) would make the two dims equal and torch.export would merge them.
     # Here: batch 2, 32 image tokens, 96 caption tokens; then batch 3, 64 image tokens (35 real),
     # 128 caption tokens (captions of 123/84/45 tokens: pad-to-32 rows and batch padding).
-    sample_points=(Point(batch=2, height=64, width=96, text_len=96), Point(batch=3, height=80, width=112, text_len=128)),
+    sample_points=(
+        Point(batch=2, height=64, width=96, text_len=96),
+        Point(batch=3, height=80, width=112, text_len=128),
+    ),
 )

@@ -164,7 +164,8 @@ class ZImagePrep:
         tokens = self.patchify(torch.stack(list(x)).to(dtype))
         n_tok = feeds["img_pad"].shape[0]
         feeds["img_tokens"] = torch.nn.functional.pad(tokens, (0, 0, 0, n_tok - tokens.shape[1]))
-        caps = torch.zeros((len(cap_feats), feeds["cap_mask"].shape[1], cap_feats[0].shape[-1]), dtype=dtype, device=device)
+        text_len = feeds["cap_mask"].shape[1]
+        caps = torch.zeros((len(cap_feats), text_len, cap_feats[0].shape[-1]), dtype=dtype, device=device)
         for i, c in enumerate(cap_feats):
             caps[i, : c.shape[0]] = c.to(device=device, dtype=dtype)
         feeds["cap_feats"] = caps
@@ -389,17 +390,24 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def transformer_spec(
-    in_channels: int = 16,
-    cap_feat_dim: int = 2560,
-    axes_dims: Sequence[int] = (32, 48, 48),
-    patch_size: int = 2,
-    f_patch_size: int = 1,
-) -> ComponentSpec:
-    """The transformer component. Defaults are Z-Image-Turbo's config (static dims only; the
-    dynamic dims come from the Point)."""
-    patch_dim = f_patch_size * patch_size * patch_size * in_channels
-    half = sum(axes_dims) // 2
+# Z-Image-Turbo's config: the static feature dims of the shapes unless a checkpoint's config is given.
+REAL_CONFIG: dict[str, Any] = {
+    "in_channels": 16,
+    "cap_feat_dim": 2560,
+    "axes_dims": [32, 48, 48],
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+}
+
+
+def transformer_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:
+    """The transformer component. `config` fixes the static feature dims of the shapes (profiles,
+    range checks); None means Z-Image-Turbo. The dynamic dims come from the Point."""
+    cfg = {**REAL_CONFIG, **{k: v for k, v in (config or {}).items() if k in REAL_CONFIG}}
+    patch_size, f_patch_size = int(cfg["all_patch_size"][0]), int(cfg["all_f_patch_size"][0])
+    patch_dim = f_patch_size * patch_size * patch_size * int(cfg["in_channels"])
+    cap_feat_dim = int(cfg["cap_feat_dim"])
+    half = sum(cfg["axes_dims"]) // 2
 
     def img(p: Point) -> int:
         return image_tokens(p, patch_size)
