@@ -147,30 +147,34 @@ def supported_compute_capabilities(flavor: Flavor) -> list[str]:
     return out
 
 
-def default_compute_capabilities(flavor: Flavor, gpu_cc: str | None) -> list[str] | None:
-    """Default engine targets: the current GPU where there is one, else the library's defaults (None).
-    Datacenter TensorRT always builds for the GPU it runs on: None."""
+def resolve_compute_capabilities(flavor: Flavor, requested: list[str] | None, gpu_cc: str | None) -> list[str] | None:
+    """Concrete engine targets ('8.6', ...) from --compute-capability; None means the library's
+    defaults. Default: the current GPU where there is one. 'current' becomes the GPU's number so
+    the manifest records what the engine runs on. Datacenter TensorRT builds for the GPU it runs
+    on and takes no targets."""
     if not flavor.rtx:
+        if requested:
+            raise ValueError(
+                "--compute-capability applies to --target tensorrt-rtx only; "
+                "datacenter TensorRT builds for the GPU it runs on"
+            )
         return None
-    return [gpu_cc] if gpu_cc else None
-
-
-def check_compute_capabilities(flavor: Flavor, ccs: list[str] | None) -> None:
-    if not ccs:
-        return
-    if not flavor.rtx:
-        raise ValueError(
-            "--compute-capability applies to --target tensorrt-rtx only; datacenter TensorRT builds for the GPU it runs on"
-        )
-    if ccs == [CURRENT]:
-        return
+    ccs = requested or ([gpu_cc] if gpu_cc else None)
+    if ccs is None:
+        return None
+    if CURRENT in ccs:
+        if not gpu_cc:
+            raise ValueError("--compute-capability current needs a GPU; name the targets instead, e.g. 8.6,8.9")
+        ccs = [gpu_cc]
     supported = supported_compute_capabilities(flavor)
     bad = [c for c in ccs if c not in supported]
     if bad:
+        hint = " (for this GPU use --target tensorrt)" if gpu_cc in bad and not requested else ""
         raise ValueError(
-            f"{flavor.module} {flavor.version()} cannot target compute capability {', '.join(bad)}; "
+            f"{flavor.module} {flavor.version()} cannot target compute capability {', '.join(bad)}{hint}; "
             f"it supports: {', '.join(supported)}"
         )
+    return ccs
 
 
 def create_config(flavor: Flavor, ccs: list[str] | None, **common: Any) -> Any:

@@ -1,0 +1,162 @@
+"""`omni build-engine` and `omni inspect`: argparse subcommands registered by omni_trt.cli."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_parsers(subparsers: Any) -> None:
+    """Register build-engine and inspect on the `omni` command's subparsers."""
+    from .export import DEFAULT_OPSET
+    from .pipeline import DEFAULT_OPT_LEVEL
+
+    p = subparsers.add_parser(
+        "build-engine",
+        help="export a pipeline's transformer and VAE decoder to ONNX and compile TensorRT engines",
+        description=(
+            "Export the denoiser (transformer) and VAE decoder of a diffusers text-to-image pipeline to ONNX, "
+            "check each export against the original diffusers forward, and compile TensorRT engines with one "
+            "optimization profile covering the sizes and batches given here. A second run with the same inputs "
+            "does nothing; a changed input redoes only what it affects. The engine dir's manifest.json records "
+            "what was built, and `omni serve --engine-dir DIR` uses it."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="hub id (org/name) or local diffusers pipeline folder")
+    p.add_argument("--engine-dir", default=None, help="output folder (default: engines/<model-slug>/)")
+    p.add_argument(
+        "--components", default=None,
+        help="comma-separated components to build, e.g. transformer,vae_decoder (default: all the family exports)",
+    )
+    p.add_argument("--onnx-only", action="store_true", help="export and validate ONNX only; needs no TensorRT")
+    p.add_argument("--force", action="store_true", help="redo everything even if the manifest says it is up to date")
+    p.add_argument(
+        "--target", choices=("auto", "tensorrt", "tensorrt-rtx"), default="auto",
+        help="TensorRT flavour: tensorrt (datacenter GPUs; builds need a GPU) or tensorrt-rtx (RTX GPUs; builds "
+        "ahead of time without a GPU). auto: tensorrt on a GPU machine when installed, else tensorrt-rtx",
+    )
+    p.add_argument(
+        "--compute-capability", default=None, metavar="CC[,CC...]",
+        help="tensorrt-rtx only: GPU compute capabilities the engines run on, e.g. 8.6,8.9, or 'current' "
+        "(default: the current GPU if there is one, else the library's default set)",
+    )
+    p.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+        help="export precision; networks are strongly typed, so this is the engine precision too. VAEs that are "
+        "inaccurate in fp16 stay fp32 (default: bf16 with a GPU, fp32 without)",
+    )
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18-20 work; 23 does not build on TensorRT-RTX)")
+    p.add_argument("--min-size", default=None, metavar="WxH", help="smallest image the engines accept (default: the family's minimum side, square)")
+    p.add_argument("--opt-size", default=None, metavar="WxH", help="image size TensorRT tunes for (default: the family's default size)")
+    p.add_argument("--max-size", default=None, metavar="WxH", help="largest image the engines accept (default: the family's default size)")
+    p.add_argument(
+        "--max-batch", type=int, default=1,
+        help="most images per pipeline call; the transformer profile doubles it where the family runs CFG as one batch",
+    )
+    p.add_argument(
+        "--text-len", default=None, metavar="MIN,OPT,MAX",
+        help="text tokens the transformer sees (default: the family's range)",
+    )
+    p.add_argument(
+        "--static", action="store_true",
+        help="one fixed shape (the opt size, --max-batch images, the opt text length) instead of a range: "
+        "faster to build, and requests must match it",
+    )
+    p.add_argument(
+        "--opt-level", type=int, default=DEFAULT_OPT_LEVEL, choices=range(0, 6), metavar="0-5",
+        help="TensorRT builder optimization level: lower builds faster, higher may run faster",
+    )
+    p.add_argument(
+        "--no-validate", action="store_true",
+        help="skip the ONNX Runtime check against diffusers (it runs on CPU and holds the fp32 model twice)",
+    )
+    p.set_defaults(func=cmd_build_engine)
+
+    p = subparsers.add_parser(
+        "inspect",
+        help="show what an engine dir holds and verify its files",
+        description="Print an engine dir's manifest readably and check every file's sha256; exits 1 on a mismatch.",
+    )
+    p.add_argument("engine_dir", metavar="DIR", help="engine dir written by build-engine")
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip hashing the files (fast for large engines)")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_build_engine(args: argparse.Namespace) -> int:
+    from ..models import ModelNotFound, UnsupportedModel
+    from .compile import CompileError
+    from .export import ValidationError
+    from .pipeline import BuildError, build_engines
+    from .trt_flavor import TensorRTNotInstalled
+
+    _ensure_logging()
+    try:
+        text_len = [int(x) for x in args.text_len.split(",")] if args.text_len else None
+        if text_len is not None and len(text_len) != 3:
+            raise ValueError(f"--text-len takes MIN,OPT,MAX, got {args.text_len!r}")
+        report = build_engines(
+            args.model,
+            engine_dir=args.engine_dir,
+            components=args.components,
+            dtype=args.dtype,
+            opset=args.opset,
+            min_size=args.min_size,
+            opt_size=args.opt_size,
+            max_size=args.max_size,
+            max_batch=args.max_batch,
+            text_len=text_len,
+            static=args.static,
+            target=args.target,
+            compute_capability=args.compute_capability,
+            onnx_only=args.onnx_only,
+            force=args.force,
+            opt_level=args.opt_level,
+            validate=not args.no_validate,
+        )
+    except (ModelNotFound, UnsupportedModel, TensorRTNotInstalled) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad sizes, dtypes, components, compute capabilities
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (BuildError, ValidationError, CompileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.engine_dir)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from . import manifest as mf
+
+    try:
+        m = mf.read(args.engine_dir)
+    except mf.ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(m, indent=2) if args.json else mf.format_manifest(m))
+    if args.no_verify:
+        return 0
+    problems = mf.verify(args.engine_dir, m)
+    if problems:
+        print(f"\n{len(problems)} problem(s) in {args.engine_dir}:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        model = m.get("model", {}).get("id", "MODEL")
+        print(f"rebuild with: omni build-engine {model} --engine-dir {args.engine_dir} --force", file=sys.stderr)
+        return 1
+    print(f"\nall {len(m.get('files', {}))} files match their sha256", file=sys.stderr)
+    return 0
+
+
+def _ensure_logging() -> None:
+    """`omni` configures logging; a direct call (tests, python -c) still shows progress."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
