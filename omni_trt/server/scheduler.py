@@ -70,6 +70,7 @@ class Scheduler:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopped = False
+        self.in_flight = 0  # requests in the batch the worker is running now
         self._thread = threading.Thread(target=self._worker, name="omni-worker", daemon=True)
 
     def start(self) -> None:
@@ -133,16 +134,19 @@ class Scheduler:
                 if self._stopped:
                     return
                 batch = self._take_batch()
+                self.in_flight = len(batch)
             started = time.perf_counter()
             try:
                 result = self.run_batch([j.request for j in batch])
             except Exception as e:  # a fault in one batch must not stop the worker
+                self.in_flight = 0
                 log.exception("batch of %d request(s) failed", len(batch))
                 for job in batch:
                     job.resolve(error=e)
                 if self.on_batch:
                     self.on_batch(batch, None, started)
                 continue
+            self.in_flight = 0
             n_images = sum(j.request.n for j in batch)
             for job, images in zip(batch, result.images):
                 job.resolve(JobResult(images, result.stages, started - job.enqueued, n_images))

@@ -1,0 +1,62 @@
+"""A real uvicorn server on localhost, in a thread of the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import httpx
+import uvicorn
+
+from omni_trt.server.app import ServerOptions, create_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app: Any, server: uvicorn.Server, port: int) -> None:
+        self.app, self.server, self.port = app, server, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.omni
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def live_server(load: Callable[[], Any], wait_ready: bool = True, **options: Any) -> Iterator[LiveServer]:
+    options.setdefault("served_model_name", "test-model")
+    app = create_app(ServerOptions(**options), load)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    live = LiveServer(app, server, port)
+    try:
+        wait_until(lambda: server.started, 30, "uvicorn to start")
+        if wait_ready:
+            wait_until(lambda: live.state.runtime is not None or live.state.load_error is not None, 120, "model load")
+            assert live.state.load_error is None, live.state.load_error
+        yield live
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
