@@ -1,7 +1,9 @@
 """FLUX.1 (black-forest-labs/FLUX.1-dev): FluxPipeline."""
 
+from ..autoencoder_kl import vae_decoder_spec
 from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, SizeRules
 from .tiny import build_tiny
+from .transformer import transformer_spec
 
 FAMILY = Family(
     name="flux",
@@ -13,6 +15,6 @@ FAMILY = Family(
     # T5 prompts are always padded to max_sequence_length (512).
     text_len=(512, 512, 512),
     cfg_batch_above=None,
-    components={},
+    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
     build_tiny=build_tiny,
 )

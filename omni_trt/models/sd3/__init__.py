@@ -1,7 +1,9 @@
 """Stable Diffusion 3 / 3.5: StableDiffusion3Pipeline."""
 
+from ..autoencoder_kl import vae_decoder_spec
 from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, SizeRules
 from .tiny import build_tiny
+from .transformer import transformer_spec
 
 FAMILY = Family(
     name="sd3",
@@ -13,6 +15,6 @@ FAMILY = Family(
     # 77 CLIP tokens + 256 T5 tokens (the pipeline's max_sequence_length), always padded.
     text_len=(333, 333, 333),
     cfg_batch_above=1.0,
-    components={},
+    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
     build_tiny=build_tiny,
 )

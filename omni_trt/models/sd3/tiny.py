@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..flux.tiny import tiny_clip_text, tiny_t5
+from ..flux.tiny import TRANSFORMER_STD, tiny_clip_text, tiny_t5
 from ..tiny_text import clip_tokenizer, t5_tokenizer
 from ..tiny_weights import init_small, tiny_autoencoder_kl
 
@@ -43,7 +43,8 @@ def build_tiny(out_dir: Path) -> None:
         tiny_clip_text(len(tokenizer_2), CLIP_G, projection=True),
         tiny_t5(len(tokenizer_3), T5_HIDDEN),
     )
-    init_small(transformer, *text_encoders)
+    init_small(*text_encoders)
+    init_small(transformer, std=TRANSFORMER_STD)  # why: see flux/tiny.py
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=tiny_autoencoder_kl(scaling_factor=1.5305, shift_factor=0.0609),
