@@ -10,10 +10,12 @@ model's own `pos_embed`. Image and text RoPE are separate inputs so each has its
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..base import ComponentSpec, Engine, Point, ReferenceCase, TensorSpec
 
+ROPE_CACHE_SIZE = 64  # (size, text length) entries the stand-in keeps
 VAE_FACTOR = 8  # pixels per latent cell (AutoencoderKLQwenImage: 3 down stages)
 
 # QwenImageTransformer2DModel's class defaults are the released Qwen/Qwen-Image model.
@@ -265,7 +267,7 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
             self.config = FrozenDict(config)
             self.engine = engine
             self.pos_embed = rope_from_config(config)
-            self._rope: dict[tuple, dict[str, torch.Tensor]] = {}
+            self._rope: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
             self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
 
         @property
@@ -282,8 +284,12 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
 
         def rope(self, img_shapes: Any, text_len: int, device: torch.device) -> dict[str, torch.Tensor]:
             key = (_shapes_key(img_shapes), int(text_len), str(device))
-            if key not in self._rope:
+            if key in self._rope:
+                self._rope.move_to_end(key)
+            else:
                 self._rope[key] = {k: v.to(device) for k, v in prep(self.pos_embed, img_shapes, text_len).items()}
+                if len(self._rope) > ROPE_CACHE_SIZE:  # a server sees many prompt lengths
+                    self._rope.popitem(last=False)
             return self._rope[key]
 
         def forward(
