@@ -60,10 +60,14 @@ def test_export_validates_at_several_shapes(family, tiny_pipeline, exported):
 
     # The export points plus a batch-1 point at another size, all at the family's text length.
     points = sample_points(fam) + (Point(batch=1, height=64, width=128, text_len=fam.text_len[1]),)
+    if family == "sd3":  # the whole position table: where torch.export's 2*Dim version bakes a guard
+        side = 16 * pipe.transformer.config.pos_embed_max_size
+        points += (Point(batch=1, height=side, width=side, text_len=fam.text_len[1]),)
     for name in COMPONENTS:
         module = getattr(pipe, fam.components[name].pipeline_attr)
-        errors = validate_onnx(fam, name, module, paths[name], points=points)
-        assert len(errors) == len(points)
+        pts = points if name == "transformer" else points[:3]
+        errors = validate_onnx(fam, name, module, paths[name], points=pts)
+        assert len(errors) == len(pts)
         assert max(errors.values()) < 1e-4, errors
         print(f"{family} {name}: export {seconds[name]:.1f}s, worst rel err {max(errors.values()):.2e}")
 
