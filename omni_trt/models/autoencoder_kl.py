@@ -43,39 +43,19 @@ def _reference_case(vae: Any, point: Point, dtype: Any, generator: Any) -> Refer
 
 
 def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
-    import torch
-    from diffusers.configuration_utils import FrozenDict
+    from .standin import VaeStandIn
 
-    class VaeDecoderStandIn(torch.nn.Module):
+    class VaeDecoderStandIn(VaeStandIn):
         """Answers `vae.decode(z, return_dict=False)` from an engine; no weights."""
 
-        def __init__(self) -> None:
-            super().__init__()
-            self.config = FrozenDict(config)
-            self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
-
-        @property
-        def dtype(self) -> torch.dtype:
-            return self._anchor.dtype
-
-        @property
-        def device(self) -> torch.device:
-            return self._anchor.device
-
-        # The pipeline may call these from --vae-use-slicing/--vae-use-tiling; an engine
-        # decodes the whole batch in one call, so they are no-ops here.
-        def enable_slicing(self) -> None: ...
-
-        def enable_tiling(self) -> None: ...
-
-        def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
-            image = engine({"latent": z})["image"]
+        def decode(self, z: Any, return_dict: bool = True) -> Any:
+            image = self.engine({"latent": z})["image"]
             return (image,) if not return_dict else SimpleNamespace(sample=image)
 
-        def forward(self, z: torch.Tensor) -> torch.Tensor:
+        def forward(self, z: Any) -> Any:
             return self.decode(z, return_dict=False)[0]
 
-    return VaeDecoderStandIn()
+    return VaeDecoderStandIn(config, engine)
 
 
 def vae_decoder_spec(latent_channels: int = 16) -> ComponentSpec:

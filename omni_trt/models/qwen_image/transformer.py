@@ -251,10 +251,11 @@ def _reference_case(model: Any, point: Point, dtype: Any, generator: Any) -> Ref
 
 def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
     import torch
-    from diffusers.configuration_utils import FrozenDict
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    class QwenImageTransformerStandIn(torch.nn.Module):
+    from ..standin import EngineStandIn
+
+    class QwenImageTransformerStandIn(EngineStandIn):
         """Answers the pipeline's QwenImageTransformer2DModel calls from an engine; no weights.
 
         Absorbs what PyTorch broadcasting hides: a text batch of 1 against an image batch of N
@@ -263,24 +264,9 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
         length)."""
 
         def __init__(self) -> None:
-            super().__init__()
-            self.config = FrozenDict(config)
-            self.engine = engine
+            super().__init__(config, engine)
             self.pos_embed = rope_from_config(config)
             self._rope: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
-            self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
-
-        @property
-        def dtype(self) -> torch.dtype:
-            return self._anchor.dtype
-
-        @property
-        def device(self) -> torch.device:
-            return self._anchor.device
-
-        @contextlib.contextmanager
-        def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
-            yield  # no diffusers caching hooks on an engine
 
         def rope(self, img_shapes: Any, text_len: int, device: torch.device) -> dict[str, torch.Tensor]:
             key = (_shapes_key(img_shapes), int(text_len), str(device))

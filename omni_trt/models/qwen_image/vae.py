@@ -104,43 +104,25 @@ def _reference_case(vae: Any, point: Point, dtype: Any, generator: Any) -> Refer
 
 def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
     import torch
-    from diffusers.configuration_utils import FrozenDict
 
-    class QwenImageVaeStandIn(torch.nn.Module):
+    from ..standin import VaeStandIn
+
+    class QwenImageVaeStandIn(VaeStandIn):
         """Answers `vae.decode(z, return_dict=False)` for one frame from an engine; no weights.
         Exposes what QwenImagePipeline reads: config (z_dim, latents_mean/std),
         temperal_downsample (its vae_scale_factor), dtype, device."""
 
         def __init__(self) -> None:
-            super().__init__()
-            self.config = FrozenDict(config)
+            super().__init__(config, engine)
             self.z_dim = config["z_dim"]
             self.temperal_downsample = list(config["temperal_downsample"])
             self.temperal_upsample = self.temperal_downsample[::-1]
             self.spatial_compression_ratio = 2 ** len(self.temperal_downsample)
-            self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
-
-        @property
-        def dtype(self) -> torch.dtype:
-            return self._anchor.dtype
-
-        @property
-        def device(self) -> torch.device:
-            return self._anchor.device
-
-        # An engine decodes the whole batch in one call: slicing/tiling are no-ops here.
-        def enable_slicing(self) -> None: ...
-
-        def disable_slicing(self) -> None: ...
-
-        def enable_tiling(self, *args: Any, **kwargs: Any) -> None: ...
-
-        def disable_tiling(self) -> None: ...
 
         def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
             if z.ndim != 5 or z.shape[2] != 1:
                 raise ValueError(f"the Qwen-Image VAE engine decodes one frame (B, C, 1, H, W), got {tuple(z.shape)}")
-            image = engine({"latent": z})["image"]
+            image = self.engine({"latent": z})["image"]
             return (image,) if not return_dict else SimpleNamespace(sample=image)
 
         def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -336,29 +336,19 @@ def _reference_case(module: Any, point: Point, dtype: Any, generator: Any) -> Re
 
 
 def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
-    import torch
-    from diffusers.configuration_utils import FrozenDict
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    class ZImageTransformerStandIn(torch.nn.Module):
+    from ..standin import EngineStandIn
+
+    class ZImageTransformerStandIn(EngineStandIn):
         """Answers ZImagePipeline's `transformer(x_list, t, cap_list, return_dict=False)[0]`
         (a list of (C, 1, H, W)) from an engine; no weights. Cast with .to(dtype) to the
         engine's compute dtype."""
 
         def __init__(self) -> None:
-            super().__init__()
-            self.config = FrozenDict(config)
+            super().__init__(config, engine)
             self.in_channels = self.out_channels = int(config["in_channels"])
             self.prep = ZImagePrep(config)
-            self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
-
-        @property
-        def dtype(self) -> torch.dtype:
-            return self._anchor.dtype
-
-        @property
-        def device(self) -> torch.device:
-            return self._anchor.device
 
         def forward(
             self,
@@ -380,7 +370,7 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
             if (patch_size, f_patch_size) != (self.prep.patch, self.prep.f_patch):
                 raise ValueError(f"engine exported for patch {self.prep.patch}-{self.prep.f_patch}")
             feeds = self.prep(x, t, cap_feats, dtype=self.dtype)
-            tokens = engine(feeds)[OUTPUT]
+            tokens = self.engine(feeds)[OUTPUT]
             out = list(self.prep.unpatchify(tokens, tuple(x[0].shape[1:])).unbind(0))
             return (out,) if not return_dict else Transformer2DModelOutput(sample=out)
 

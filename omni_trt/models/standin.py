@@ -1,0 +1,53 @@
+"""The base of every engine stand-in: what a pipeline reads of the module it replaces.
+
+Imported lazily (from inside the families' `_standin` builders), since it needs torch and
+diffusers."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping
+
+import torch
+from diffusers import ModelMixin
+from diffusers.configuration_utils import FrozenDict
+
+from .base import Engine
+
+
+class EngineStandIn(ModelMixin):
+    """No weights: the replaced component's config, and an engine that does the work.
+
+    A ModelMixin because DiffusionPipeline.from_pretrained accepts only those for model slots
+    (passing the stand-in there is what keeps the real weights from ever being read). A zero-size
+    buffer carries dtype and device, so `.to(dtype)`/`.to(device)` behave as on the original."""
+
+    def __init__(self, config: Mapping[str, Any], engine: Engine) -> None:
+        super().__init__()
+        self.config = FrozenDict(dict(config))  # ModelMixin has no ConfigMixin here: plain attribute
+        self.engine = engine
+        self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._anchor.device
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        yield  # pipelines wrap transformer calls in it; an engine has no diffusers cache hooks
+
+
+class VaeStandIn(EngineStandIn):
+    """An engine decodes the whole batch in one call: slicing and tiling are no-ops."""
+
+    def enable_slicing(self) -> None: ...
+
+    def disable_slicing(self) -> None: ...
+
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None: ...
+
+    def disable_tiling(self) -> None: ...
