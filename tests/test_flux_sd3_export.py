@@ -45,6 +45,7 @@ def exported(tiny_pipeline, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_export_validates_at_several_shapes(family, tiny_pipeline, exported):
     fam, pipe = family_by_name(family), tiny_pipeline(family)
@@ -109,6 +110,7 @@ CALLS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pipeline_with_onnx_engines_matches_torch(family, tiny_dir, tiny_pipeline, exported):
     from diffusers import DiffusionPipeline
