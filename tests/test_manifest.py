@@ -1,0 +1,369 @@
+"""Pure parts of build-engine: size parsing, profile points, dtypes, flavour and compute-capability
+resolution, the up-to-date decision, fingerprints, verify/inspect on a hand-made engine dir, and
+the CLI's errors. Fast: nothing here exports or builds."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from omni_trt.build import manifest as mf
+from omni_trt.build import trt_flavor
+from omni_trt.build.command import add_parsers
+from omni_trt.build.compile import check_profile
+from omni_trt.build.pipeline import (
+    component_dtype,
+    fit_profile,
+    model_slug,
+    parse_size,
+    profile_points,
+    resolve_components,
+    resolve_sizes,
+)
+from omni_trt.models import FAMILIES
+from omni_trt.models.base import Point
+
+ZI = FAMILIES["z-image"]
+
+
+# ---- sizes and points ----
+
+
+def test_parse_size():
+    assert parse_size("1024x768") == (1024, 768)
+    assert parse_size(" 512 X 256 ") == (512, 256)
+    assert parse_size("640") == (640, 640)
+    for bad in ("", "x512", "12x", "1024x768x3", "-5x5", "axb"):
+        with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+            parse_size(bad)
+
+
+def test_resolve_sizes_defaults_and_checks():
+    d = (ZI.defaults.width, ZI.defaults.height)
+    m = ZI.size.min_side
+    assert resolve_sizes(ZI, None, None, None) == ((m, m), d, d)
+    # a smaller max alone pulls the default opt down to it
+    assert resolve_sizes(ZI, None, None, "512x256") == ((m, m), (512, 256), (512, 256))
+    # a larger opt alone raises the default max to it
+    assert resolve_sizes(ZI, None, "1536x1536", None)[2] == (1536, 1536)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        resolve_sizes(ZI, None, "1000x1000", None)
+    with pytest.raises(ValueError, match="within"):
+        resolve_sizes(ZI, "16x16", None, None)
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        resolve_sizes(ZI, "512x512", "256x256", "1024x1024")
+
+
+def test_profile_points_batches():
+    sizes = ((64, 64), (512, 512), (1024, 768))
+    text = (32, 128, 512)
+    # Z-Image batches CFG: max doubles, min assumes guidance 0, opt follows the default (0: no CFG)
+    lo, opt, hi = profile_points(ZI, "transformer", sizes, 3, text)
+    assert lo == Point(1, 64, 64, 32)
+    assert opt == Point(1, 512, 512, 128)
+    assert hi == Point(6, 768, 1024, 512)
+    # the VAE decodes images only
+    assert profile_points(ZI, "vae_decoder", sizes, 3, text)[2].batch == 3
+    # true CFG as a second call (Qwen-Image): no doubling
+    assert profile_points(FAMILIES["qwen-image"], "transformer", sizes, 3, text)[2].batch == 3
+    # SD3: default guidance 3.5 > 1 runs CFG, so opt is a CFG pair
+    assert profile_points(FAMILIES["sd3"], "transformer", sizes, 3, text)[1].batch == 2
+    # static: one shape
+    lo, opt, hi = profile_points(ZI, "transformer", sizes, 2, text, static=True)
+    assert lo == opt == hi == Point(2, 512, 512, 128)
+    with pytest.raises(ValueError, match="max-batch"):
+        profile_points(ZI, "vae_decoder", sizes, 0, text)
+
+
+def test_component_dtype_keeps_vae_out_of_fp16():
+    vae = ZI.components["vae_decoder"]
+    assert not vae.allow_fp16
+    dtype, note = component_dtype(vae, "fp16")
+    assert dtype == "fp32" and "fp16" in note
+    assert component_dtype(vae, "bf16") == ("bf16", None)
+    assert component_dtype(ZI.components["transformer"], "fp16") == ("fp16", None)
+    with pytest.raises(ValueError):
+        component_dtype(vae, "int8")
+
+
+def test_resolve_components():
+    assert resolve_components(ZI, None) == ["transformer", "vae_decoder"]
+    assert resolve_components(ZI, "vae_decoder") == ["vae_decoder"]
+    assert resolve_components(ZI, "vae_decoder, transformer") == ["transformer", "vae_decoder"]
+    with pytest.raises(ValueError, match="choose from: transformer, vae_decoder"):
+        resolve_components(ZI, "unet")
+
+
+def test_model_slug(tmp_path):
+    assert model_slug("Tongyi-MAI/Z-Image-Turbo") == "Tongyi-MAI--Z-Image-Turbo"
+    (tmp_path / "my model").mkdir()
+    assert model_slug(str(tmp_path / "my model")) == "my-model"
+
+
+def test_fit_profile_takes_static_dims_from_onnx():
+    spec = ZI.components["vae_decoder"]
+    points = (Point(1, 64, 64, 1), Point(1, 128, 128, 1), Point(2, 256, 256, 1))
+    profile = spec.profile(*points)
+    fitted = fit_profile(spec, profile, {"latent": ["batch", 4, "latent_height", "latent_width"]})
+    assert fitted["latent"] == ((1, 4, 8, 8), (1, 4, 16, 16), (2, 4, 32, 32))
+
+
+def test_check_profile():
+    inputs = [{"name": "x", "shape": [-1, 4, -1]}]
+    assert check_profile(inputs, {"x": ((1, 4, 2), (1, 4, 8), (2, 4, 16))}) == []
+    assert "axis 1 is 4" in check_profile(inputs, {"x": ((1, 8, 2), (1, 8, 8), (2, 8, 16))})[0]
+    assert "min <= opt <= max" in check_profile(inputs, {"x": ((2, 4, 2), (1, 4, 8), (2, 4, 16))})[0]
+    assert "no profile" in check_profile(inputs, {})[0]
+    assert "not a network input" in check_profile(inputs, {"x": ((1, 4, 2),) * 3, "y": ((1,),) * 3})[0]
+
+
+# ---- flavours and compute capabilities ----
+
+
+def test_parse_compute_capabilities():
+    assert trt_flavor.parse_compute_capabilities("8.9, 8.6,8.6") == ["8.6", "8.9"]
+    assert trt_flavor.parse_compute_capabilities("12.0,8.0") == ["8.0", "12.0"]
+    assert trt_flavor.parse_compute_capabilities("current") == ["current"]
+    assert trt_flavor.parse_compute_capabilities(None) is None
+    with pytest.raises(ValueError, match="MAJOR.MINOR"):
+        trt_flavor.parse_compute_capabilities("sm86")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        trt_flavor.parse_compute_capabilities("current,8.6")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt_rtx not installed")
+def test_resolve_compute_capabilities_rtx():
+    rtx = trt_flavor.TENSORRT_RTX
+    assert "8.6" in trt_flavor.supported_compute_capabilities(rtx)
+    assert trt_flavor.resolve_compute_capabilities(rtx, None, None) is None  # library defaults
+    assert trt_flavor.resolve_compute_capabilities(rtx, None, "8.9") == ["8.9"]  # the current GPU
+    assert trt_flavor.resolve_compute_capabilities(rtx, ["current"], "8.6") == ["8.6"]
+    assert trt_flavor.resolve_compute_capabilities(rtx, ["8.6", "12.0"], None) == ["8.6", "12.0"]
+    with pytest.raises(ValueError, match="cannot target compute capability 9.0"):
+        trt_flavor.resolve_compute_capabilities(rtx, ["9.0"], None)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        trt_flavor.resolve_compute_capabilities(rtx, ["current"], None)
+    with pytest.raises(ValueError, match="tensorrt-rtx only"):
+        trt_flavor.resolve_compute_capabilities(trt_flavor.TENSORRT, ["8.6"], None)
+
+
+def test_resolve_flavor(monkeypatch):
+    installed = {"tensorrt": False, "tensorrt_rtx": True}
+    monkeypatch.setattr(trt_flavor.Flavor, "installed", lambda self: installed[self.module])
+    assert trt_flavor.resolve("auto", has_gpu=False) is trt_flavor.TENSORRT_RTX
+    assert trt_flavor.resolve("auto", has_gpu=True) is trt_flavor.TENSORRT_RTX
+    with pytest.raises(trt_flavor.TensorRTNotInstalled, match=r"omni-trt\[tensorrt\]"):
+        trt_flavor.resolve("tensorrt", has_gpu=True)
+    installed["tensorrt"] = True
+    assert trt_flavor.resolve("auto", has_gpu=True) is trt_flavor.TENSORRT
+    with pytest.raises(trt_flavor.TensorRTNotInstalled, match="only on a machine with a GPU"):
+        trt_flavor.resolve("tensorrt", has_gpu=False)
+    installed.update(tensorrt=False, tensorrt_rtx=False)
+    with pytest.raises(trt_flavor.TensorRTNotInstalled, match="--onnx-only needs neither"):
+        trt_flavor.resolve("auto", has_gpu=True)
+
+
+# ---- the up-to-date decision ----
+
+ONNX_KEY = {"fingerprint": "f1", "dtype": "fp32", "opset": 20, "torch": "2.13"}
+ENGINE_KEY = {"profile": {"x": {"min": [1], "opt": [2], "max": [4]}}, "flavor": "tensorrt-rtx", "version": "1.7", "targets": "default", "opt_level": 3}
+
+
+def _old() -> dict:
+    return {
+        "components": {
+            "vae_decoder": {
+                "onnx": {"path": "onnx/vae_decoder.onnx", "files": ["onnx/vae_decoder.onnx"], "key": dict(ONNX_KEY)},
+                "engine": {"path": "vae_decoder.plan", "key": copy.deepcopy(ENGINE_KEY), "onnx_sha256": "abc"},
+            }
+        },
+        "files": {"onnx/vae_decoder.onnx": {"sha256": "abc", "size": 10}, "vae_decoder.plan": {"sha256": "def", "size": 20}},
+    }
+
+
+SIZES = {"onnx/vae_decoder.onnx": 10, "vae_decoder.plan": 20}
+
+
+def test_decide_up_to_date_and_first_build():
+    assert mf.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES).up_to_date
+    first = mf.decide(None, "vae_decoder", ONNX_KEY, ENGINE_KEY, {})
+    assert first.export and first.build
+    assert mf.decide(_old(), "transformer", ONNX_KEY, ENGINE_KEY, {}).export
+
+
+def test_decide_engine_inputs_rebuild_only_the_engine():
+    for change in ({"profile": {"x": {"min": [1], "opt": [2], "max": [8]}}}, {"version": "1.8"}, {"targets": ["8.6"]}, {"opt_level": 5}, {"flavor": "tensorrt"}):
+        a = mf.decide(_old(), "vae_decoder", ONNX_KEY, {**ENGINE_KEY, **change}, SIZES)
+        assert a.build and not a.export, change
+        assert any(next(iter(change)) in r for r in a.reasons)
+
+
+def test_decide_onnx_inputs_reexport_and_rebuild():
+    for change in ({"opset": 18}, {"dtype": "bf16"}, {"fingerprint": "f2"}, {"torch": "2.14"}):
+        a = mf.decide(_old(), "vae_decoder", {**ONNX_KEY, **change}, ENGINE_KEY, SIZES)
+        assert a.export and a.build, change
+    assert mf.decide(_old(), "vae_decoder", {**ONNX_KEY, "opset": 18}, ENGINE_KEY, SIZES).reasons == ("opset: 20 -> 18",)
+
+
+def test_decide_files():
+    a = mf.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, {**SIZES, "vae_decoder.plan": None})
+    assert a.build and not a.export and "vae_decoder.plan missing" in a.reasons
+    a = mf.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, {**SIZES, "onnx/vae_decoder.onnx": 11})
+    assert a.export and a.build
+    old = _old()
+    old["components"]["vae_decoder"]["engine"]["onnx_sha256"] = "other"
+    assert mf.decide(old, "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES).build
+
+
+def test_decide_force_and_onnx_only():
+    a = mf.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES, force=True)
+    assert a.export and a.build and a.reasons == ("--force",)
+    # --onnx-only: the existing engine stays while its ONNX does, and goes when the ONNX changes
+    assert mf.decide(_old(), "vae_decoder", ONNX_KEY, None, SIZES).up_to_date
+    a = mf.decide(_old(), "vae_decoder", {**ONNX_KEY, "dtype": "bf16"}, None, SIZES)
+    assert a.export and not a.build and a.drop_engine
+
+
+# ---- fingerprints ----
+
+
+def _fake_model(root: Path) -> Path:
+    (root / "vae").mkdir(parents=True)
+    (root / "transformer").mkdir()
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "ZImagePipeline", "vae": ["diffusers", "AutoencoderKL"], "transformer": ["diffusers", "ZImageTransformer2DModel"]}))
+    (root / "vae" / "config.json").write_text('{"latent_channels": 16}')
+    (root / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 100)
+    (root / "transformer" / "config.json").write_text('{"dim": 64}')
+    (root / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 200)
+    return root
+
+
+def test_fingerprints_follow_configs_and_weight_sizes(tmp_path):
+    root = _fake_model(tmp_path / "m")
+    vae, tr, whole = mf.model_fingerprint(root, ["vae"]), mf.model_fingerprint(root, ["transformer"]), mf.model_fingerprint(root)
+    (root / "vae" / "config.json").write_text('{"latent_channels": 4}')
+    assert mf.model_fingerprint(root, ["vae"]) != vae
+    assert mf.model_fingerprint(root, ["transformer"]) == tr  # the other component is unaffected
+    assert mf.model_fingerprint(root) != whole
+    (root / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 201)
+    assert mf.model_fingerprint(root, ["transformer"]) != tr
+
+
+# ---- verify / inspect on a hand-made engine dir ----
+
+
+def _fake_engine_dir(root: Path) -> Path:
+    (root / "onnx").mkdir(parents=True)
+    (root / "onnx" / "vae_decoder.onnx").write_bytes(b"onnx-bytes")
+    (root / "vae_decoder.plan").write_bytes(b"plan-bytes")
+    m = {
+        "format": mf.FORMAT,
+        "model": {"id": "org/name", "family": "z-image", "pipeline_class": "ZImagePipeline", "fingerprint": "f" * 64},
+        "versions": {"torch": "2.13"},
+        "gpu": None,
+        "built_at": mf.now(),
+        "components": {
+            "vae_decoder": {
+                "pipeline_attr": "vae",
+                "dtype": "fp32",
+                "points": {k: {"batch": 1, "height": 64, "width": 64, "text_len": 1} for k in ("min", "opt", "max")},
+                "profile": {"latent": {"min": [1, 16, 8, 8], "opt": [1, 16, 8, 8], "max": [1, 16, 8, 8]}},
+                "inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 16, "latent_height", "latent_width"]}],
+                "outputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", "width"]}],
+                "onnx": {"path": "onnx/vae_decoder.onnx", "files": ["onnx/vae_decoder.onnx"], "opset": 20, "exporter": "x", "seconds": 1.0,
+                         "validation": {"dtype": "fp32", "tolerance": 1e-4, "errors": {"image@1": 1e-6}, "skipped": None}, "key": {}},
+                "engine": {"path": "vae_decoder.plan", "flavor": "tensorrt-rtx", "version": "1.7", "compute_capabilities": None,
+                           "gpu": None, "opt_level": 0, "seconds": 1.0, "key": {}},
+            }
+        },
+        "files": mf.file_entries(root, ["onnx/vae_decoder.onnx", "vae_decoder.plan"]),
+    }
+    mf.write(root, m)
+    return root
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="omni")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_verify_and_inspect(tmp_path, capsys):
+    d = _fake_engine_dir(tmp_path / "e")
+    assert mf.verify(d) == []
+    assert _cli(["inspect", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "org/name" in out and "[vae_decoder]" in out and "library default" in out
+    built = mf.load(d)
+    c = built.components["vae_decoder"]
+    assert built.model == "org/name" and built.family == "z-image"
+    assert c.plan == d / "vae_decoder.plan" and c.onnx == d / "onnx/vae_decoder.onnx"
+    assert c.points["max"] == Point(1, 64, 64, 1) and c.profile["latent"][2] == (1, 16, 8, 8)
+    assert c.tensorrt["flavor"] == "tensorrt-rtx" and c.input_names == ("latent",)
+
+    (d / "vae_decoder.plan").write_bytes(b"plan-bytez")  # same size, other bytes
+    (d / "onnx" / "vae_decoder.onnx").unlink()
+    problems = mf.verify(d)
+    assert any("vae_decoder.plan: sha256" in p for p in problems)
+    assert any("onnx/vae_decoder.onnx: missing" in p for p in problems)
+    assert _cli(["inspect", str(d)]) == 1
+    assert "omni build-engine org/name" in capsys.readouterr().err
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(mf.ManifestError, match="not found"):
+        mf.read(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(mf.ManifestError, match="not valid JSON"):
+        mf.read(tmp_path)
+    assert _cli(["inspect", str(tmp_path)]) == 2
+
+
+# ---- CLI errors (nothing is exported) ----
+
+
+def test_build_engine_cli_errors(tmp_path, capsys):
+    assert _cli(["build-engine", str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+    other = tmp_path / "sd15"
+    other.mkdir()
+    (other / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    assert _cli(["build-engine", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "not supported" in err and "ZImagePipeline" in err
+
+    zi = _fake_model(tmp_path / "zi")
+    assert _cli(["build-engine", str(zi), "--max-size", "1000x1000"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err
+    assert _cli(["build-engine", str(zi), "--components", "unet"]) == 2
+    assert "choose from" in capsys.readouterr().err
+    if importlib.util.find_spec("tensorrt") is None:
+        assert _cli(["build-engine", str(zi), "--target", "tensorrt"]) == 2
+        err = capsys.readouterr().err
+        assert "pip install 'omni-trt[tensorrt]'" in err and "--onnx-only" in err
+
+
+def test_cli_help_lists_flags():
+    parser = argparse.ArgumentParser(prog="omni")
+    sub = parser.add_subparsers(dest="command")
+    add_parsers(sub)
+    text = sub.choices["build-engine"].format_help()
+    for flag in ("--engine-dir", "--components", "--onnx-only", "--force", "--target", "--compute-capability", "--dtype",
+                 "--opset", "--min-size", "--opt-size", "--max-size", "--max-batch", "--static", "--opt-level"):
+        assert flag in text
+    args = parser.parse_args(["build-engine", "org/name", "--components", "transformer", "--max-batch", "4", "--static"])
+    assert args.components == "transformer" and args.max_batch == 4 and args.static and callable(args.func)
+
+
+def test_registered_in_omni_cli():
+    from omni_trt.cli import build_parser
+
+    args = build_parser().parse_args(["inspect", "some/dir"])
+    assert args.engine_dir == "some/dir" and callable(args.func)
