@@ -137,34 +137,17 @@ def _reference_case(model: Any, point: Point, dtype: Any, generator: Any) -> Ref
 
 
 def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
-    import contextlib
-
     import torch
-    from diffusers import ModelMixin
-    from diffusers.configuration_utils import FrozenDict
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    class FluxTransformerStandIn(ModelMixin):
-        """Called by FluxPipeline exactly like FluxTransformer2DModel; runs an engine, no weights.
-        A ModelMixin so DiffusionPipeline.from_pretrained(..., transformer=standin) accepts it."""
+    from ..standin import EngineStandIn
+
+    class FluxTransformerStandIn(EngineStandIn):
+        """Called by FluxPipeline exactly like FluxTransformer2DModel; runs an engine, no weights."""
 
         def __init__(self) -> None:
-            super().__init__()
-            self.config = FrozenDict(config)
-            self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
+            super().__init__(config, engine)
             self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = {}
-
-        @property
-        def dtype(self) -> torch.dtype:
-            return self._anchor.dtype
-
-        @property
-        def device(self) -> torch.device:
-            return self._anchor.device
-
-        @contextlib.contextmanager
-        def cache_context(self, name: str, **kwargs: Any):  # FluxPipeline wraps each call in it
-            yield
 
         def _rope_for(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> dict[str, torch.Tensor]:
             # Keyed by shape (size, text length); the ids are compared too, so callers that
@@ -210,7 +193,7 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
                 "guidance": guidance.float().reshape(-1).expand(b),
                 **self._rope_for(txt_ids, img_ids),
             }
-            sample = engine(feeds)["sample"]
+            sample = self.engine(feeds)["sample"]
             return (sample,) if not return_dict else Transformer2DModelOutput(sample=sample)
 
     return FluxTransformerStandIn()

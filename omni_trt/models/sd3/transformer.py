@@ -106,27 +106,13 @@ def _reference_case(model: Any, point: Point, dtype: Any, generator: Any) -> Ref
 
 def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
     import torch
-    from diffusers import ModelMixin
-    from diffusers.configuration_utils import FrozenDict
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    class SD3TransformerStandIn(ModelMixin):
+    from ..standin import EngineStandIn
+
+    class SD3TransformerStandIn(EngineStandIn):
         """Called by StableDiffusion3Pipeline exactly like SD3Transformer2DModel; runs an engine,
-        no weights. A ModelMixin so DiffusionPipeline.from_pretrained(..., transformer=standin)
-        accepts it."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.config = FrozenDict(config)
-            self.register_buffer("_anchor", torch.zeros(0, dtype=torch.float32), persistent=False)
-
-        @property
-        def dtype(self) -> torch.dtype:
-            return self._anchor.dtype
-
-        @property
-        def device(self) -> torch.device:
-            return self._anchor.device
+        no weights."""
 
         def forward(
             self,
@@ -154,10 +140,10 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
                 # A 0-d timestep broadcasts in PyTorch; an engine takes one per sample.
                 "timestep": timestep.float().reshape(-1).expand(b),
             }
-            sample = engine(feeds)["sample"]
+            sample = self.engine(feeds)["sample"]
             return (sample,) if not return_dict else Transformer2DModelOutput(sample=sample)
 
-    return SD3TransformerStandIn()
+    return SD3TransformerStandIn(config, engine)
 
 
 def transformer_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:
