@@ -26,6 +26,11 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--vae-use-slicing", action="store_true", help="decode a batch one image at a time (less memory)")
     p.add_argument("--vae-use-tiling", action="store_true", help="decode large images in tiles (less memory)")
+    p.add_argument("--engine-dir", default=None, help="an engine dir made by `omni build-engine`: its engines replace the "
+                   "transformer and VAE decoder; the model comes from its manifest (MODEL, if given, must match)")
+    p.add_argument("--runtime", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto", help=(
+        "what runs the engine dir's components. auto: TensorRT when the plans match this GPU and the installed TensorRT, "
+        "else ONNX Runtime over the exported ONNX; torch: ignore the engines (default: auto)"))
 
 
 def _model_or_demo(model: str | None) -> str:
@@ -38,14 +43,31 @@ def _model_or_demo(model: str | None) -> str:
 
 def _loader(args: argparse.Namespace) -> Callable[[], Any]:
     """A function that loads the runtime; serve calls it after the server is listening."""
-    from .runtime.pipeline import LoadOptions, load_pipeline
+    from .runtime.loader import load_runtime
+    from .runtime.pipeline import LoadOptions
 
     def load() -> Any:
-        model = _model_or_demo(args.model)
+        model = args.model if args.engine_dir else _model_or_demo(args.model)
         opts = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling)
-        return load_pipeline(model, opts)
+        return load_runtime(model, args.engine_dir, args.runtime, opts)
 
     return load
+
+
+def _engine_dir_model(engine_dir: str | None) -> str | None:
+    """The model an engine dir was built for, read before listening so a wrong dir fails fast."""
+    if engine_dir is None:
+        return None
+    from .build import manifest
+
+    try:
+        return manifest.read(engine_dir)["model"]["id"]
+    except Exception as e:
+        raise UsageError(f"{engine_dir} is not an engine dir ({e}); build one with: omni build-engine MODEL --engine-dir {engine_dir}") from e
+
+
+class UsageError(RuntimeError):
+    pass
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .models import detect_family
 
         detect_family(args.model)  # fail before listening: a wrong path is not a 503
-    name = args.served_model_name or args.model or f"omni-trt/demo-{DEMO_FAMILY}"
+    name = args.served_model_name or args.model or _engine_dir_model(args.engine_dir) or f"omni-trt/demo-{DEMO_FAMILY}"
     options = ServerOptions(served_model_name=name, max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=args.api_key)
     app = create_app(options, _loader(args))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10))
@@ -75,7 +97,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime.request import RequestError, resolve
     from .server.encoding import encode_image
 
-    runtime = _loader(args)()
+    from .runtime.loader import EngineDirError
+
+    try:
+        runtime = _loader(args)()
+    except EngineDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         req = resolve(
             runtime.family, args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -157,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         return int(args.func(args) or 0)
-    except (ModelNotFound, UnsupportedModel) as e:
+    except (ModelNotFound, UnsupportedModel, UsageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

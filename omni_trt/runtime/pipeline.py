@@ -90,8 +90,12 @@ class PipelineRuntime:
         self.device = device
         self.dtype = dtype
         self.limits = SizeLimits.of(family)
-        self.max_batch: int | None = None  # images per pipeline call; set by engines
-        self.components: dict[str, str] = {}  # component -> what runs it ("torch" by default)
+        # Set where engines replace components: each engine's largest batch, what runs each
+        # component, the built profile (for /v1/models), extra pipeline kwargs.
+        self.batch_limits: dict[str, int] = {}
+        self.components: dict[str, str] = {}
+        self.profile: dict[str, Any] | None = None
+        self.call_kwargs: dict[str, Any] = {}
         self._timer: list[StageTimer | None] = [None]
         self._lock = threading.Lock()
         # Instance attributes shadow the methods the pipeline calls on itself and its modules.
@@ -100,7 +104,27 @@ class PipelineRuntime:
         pipe.transformer.forward = _timed(pipe.transformer.forward, self._timer, "denoise")
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime": self.kind, "family": self.family.name, "device": self.device, "dtype": self.dtype}
+        out = {"runtime": self.kind, "family": self.family.name, "device": self.device, "dtype": self.dtype}
+        if self.components:
+            out["components"] = dict(self.components)
+        if self.profile is not None:
+            out["engine_profile"] = self.profile
+        return out
+
+    def max_images(self, guidance_scale: float | None) -> int | None:
+        """Images one pipeline call can take within the engines' batch ranges (None: no limit).
+        Where CFG doubles the transformer batch, half as many."""
+        limits = []
+        if "transformer" in self.batch_limits:
+            limits.append(self.batch_limits["transformer"] // self.family.transformer_batch(1, guidance_scale))
+        if "vae_decoder" in self.batch_limits:
+            limits.append(self.batch_limits["vae_decoder"])
+        return max(1, min(limits)) if limits else None
+
+    @property
+    def max_batch(self) -> int | None:
+        """Images per call at the family's default guidance."""
+        return self.max_images(self.family.defaults.guidance_scale)
 
     def generate(self, requests: list[GenerationRequest]) -> BatchResult:
         chunks = self._chunks(requests)
@@ -119,7 +143,7 @@ class PipelineRuntime:
     def _chunks(self, requests: list[GenerationRequest]) -> list[list[tuple[int, GenerationRequest]]]:
         """Split so no call exceeds max_batch images; a request larger than that is split by
         image, its seeds kept (seed + index), so the images are the same as in one call."""
-        limit = self.max_batch
+        limit = self.max_images(requests[0].guidance_scale)
         if limit is None:
             return [list(enumerate(requests))]
         chunks: list[list[tuple[int, GenerationRequest]]] = [[]]
@@ -143,7 +167,7 @@ class PipelineRuntime:
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.pipe(**pipeline_kwargs(requests))
+                out = self.pipe(**pipeline_kwargs(requests), **self.call_kwargs)
         finally:
             self._timer[0] = None
         seconds = dict(timer.seconds)

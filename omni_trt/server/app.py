@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..runtime.engines import OutOfProfile
 from ..runtime.pipeline import STAGES, BatchResult, PipelineRuntime
 from ..runtime.request import GenerationRequest, RequestError, resolve
 from .encoding import data_url, encode_b64
@@ -149,7 +150,10 @@ class ServerState:
         while True:
             done, _ = await asyncio.wait({job.future}, timeout=self.options.disconnect_poll_s)
             if done:
-                return job.future.result()
+                try:
+                    return job.future.result()
+                except OutOfProfile as e:  # a shape the built engines do not cover
+                    raise ApiError(400, str(e)) from None
             if await http_request.is_disconnected():
                 if scheduler.cancel(job):
                     self.metrics.dropped.inc()
