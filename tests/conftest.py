@@ -33,6 +33,6 @@ def tiny_pipeline(tiny_dir):
         import torch
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(tiny_dir(family), torch_dtype=torch.float32)
+        return DiffusionPipeline.from_pretrained(tiny_dir(family), dtype=torch.float32)
 
     return load

@@ -39,6 +39,9 @@ class OnnxRuntimeEngine:
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # ORT's idle threads spin for a while after each run; inside a pipeline that steals the
+        # cores torch's text encoder and scheduler run on next (a 20x slower text encode on CPU).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]

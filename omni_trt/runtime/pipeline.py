@@ -194,7 +194,7 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     log.info("loading %s (%s) on %s in %s", model, family.pipeline_class, device, dtype)
     t0 = time.perf_counter()
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=DTYPES[dtype], **options.replacements)
+    pipe = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype], **options.replacements)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if options.vae_slicing:
