@@ -254,6 +254,28 @@ def test_force_rebuilds_and_keeps_other_components(built, tmp_path):
     assert mf.verify(engine_dir, m) == []
 
 
+def test_failed_validation_fails_the_build(tiny_dir, tmp_path, monkeypatch, capsys):
+    """The gate: an ONNX that disagrees with diffusers is not kept, and the error has the numbers.
+    Export and ONNX Runtime are faked; the gate's logic is what is under test."""
+    import omni_trt.build.export as export
+    from omni_trt.build.export import ExportResult
+
+    def fake_export(family, component, module, out_path, dtype=None, opset=None):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_bytes(b"not really onnx")
+        return ExportResult(out_path, 0.0, {"latent": ["batch", 16, "latent_height", "latent_width"]})
+
+    monkeypatch.setattr(export, "export_component", fake_export)
+    monkeypatch.setattr(export, "validate_onnx", lambda *a, **k: {"image@2x64x96:96": 3e-2, "image@3x80x112:128": 1e-6})
+    engine_dir = tmp_path / "e"
+    argv = ["build-engine", str(tiny_dir("z-image")), "--engine-dir", str(engine_dir), "--components", "vae_decoder", "--onnx-only"]
+    assert _run_cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "3.00e-02" in err and "must be < 0.0001" in err
+    assert not (engine_dir / mf.onnx_relpath("vae_decoder")).exists()
+    assert "vae_decoder" not in mf.read(engine_dir)["components"]
+
+
 # ---- CLI ----
 
 

@@ -149,8 +149,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"\n{len(problems)} problem(s) in {args.engine_dir}:", file=sys.stderr)
         for p in problems:
             print(f"  {p}", file=sys.stderr)
-        model = m.get("model", {}).get("id", "MODEL")
-        print(f"rebuild with: omni build-engine {model} --engine-dir {args.engine_dir} --force", file=sys.stderr)
+        print(f"rebuild with: {mf.rebuild_command(m, args.engine_dir)} --force", file=sys.stderr)
         return 1
     print(f"\nall {len(m.get('files', {}))} files match their sha256", file=sys.stderr)
     return 0

@@ -87,12 +87,33 @@ def compile_engine(
     when present and saved (merged) after the build. Writes the plan atomically."""
     label = label or plan_path.stem
     trt = flavor.import_module()  # switches polygraphy to this flavour before it imports TensorRT
+    from polygraphy.logger import G_LOGGER
+
+    t0 = time.perf_counter()
+    colors, G_LOGGER.colors = G_LOGGER.colors, False  # else it nags about the optional 'colored' module
+    try:
+        return _compile(onnx_path, plan_path, profile, flavor, trt, opt_level, timing_cache, compute_capabilities, label, t0)
+    finally:
+        G_LOGGER.colors = colors
+
+
+def _compile(
+    onnx_path: Path,
+    plan_path: Path,
+    profile: Profile,
+    flavor: Flavor,
+    trt: Any,
+    opt_level: int,
+    timing_cache: Path | None,
+    compute_capabilities: list[str] | None,
+    label: str,
+    t0: float,
+) -> CompileResult:
     from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
     from polygraphy.backend.trt import Profile as PolyProfile
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
-    t0 = time.perf_counter()
     with G_LOGGER.verbosity(G_LOGGER.WARNING):  # our own log lines say what happens
         try:
             log.info("%s: parsing %s", label, onnx_path)

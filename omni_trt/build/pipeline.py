@@ -330,14 +330,16 @@ def build_engines(
                 new["components"][name] = old["components"][name]
                 continue
             seconds[name] = {}
-            entry = dict(new["components"].get(name) or (old or {}).get("components", {}).get(name) or {}) if same_model else {}
-            new["components"].pop(name, None)  # until this component is done again
-            if action.export or action.drop_engine:
+            entry = dict(new["components"].get(name) or {})
+            if action.export or action.drop_engine or action.build:
+                # the old engine is stale from here on, whatever happens next
                 _remove(engine_dir, [mf.plan_relpath(name)], new["files"])
-                entry.pop("engine", None)
+                entry["engine"] = None
+                new["components"][name] = entry
             if action.export:
+                new["components"].pop(name, None)  # its ONNX is being replaced
                 entry = _export_component(family, name, plan, model_dir, engine_dir, opset, validate, seconds[name], new["files"])
-                new["components"][name] = entry  # recorded even if the engine build below fails
+                new["components"][name] = entry  # kept even if the engine build below fails
             if action.build:
                 engine, profile = _build_component(name, plan, flavor, engine_dir, opt_level, ccs, gpu, versions, seconds[name], new["files"])
                 entry.update(
@@ -345,7 +347,6 @@ def build_engines(
                     points={k: point_json(p) for k, p in zip(("min", "opt", "max"), plan["points"])},
                     profile=profile_json(profile),
                 )
-            new["components"][name] = entry
     finally:
         new["model"]["fingerprint"] = mf.combined_fingerprint(new["components"])
         mf.write(engine_dir, new)
