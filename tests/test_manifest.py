@@ -379,3 +379,9 @@ def test_engine_mismatches(tmp_path):
     m["components"]["vae_decoder"]["engine"] = None
     assert "--onnx-only" in mf.engine_mismatches(m)[0]
     assert mf.rebuild_command(m, "engines/x") == "omni build-engine org/name --engine-dir engines/x"
+
+
+def test_cli_default_opset_is_the_exporters():
+    from omni_trt.build import export, pipeline
+
+    assert pipeline.DEFAULT_OPSET == export.DEFAULT_OPSET

@@ -13,8 +13,7 @@ log = logging.getLogger(__name__)
 
 def add_parsers(subparsers: Any) -> None:
     """Register build-engine and inspect on the `omni` command's subparsers."""
-    from .export import DEFAULT_OPSET
-    from .pipeline import DEFAULT_OPT_LEVEL
+    from .pipeline import DEFAULT_OPSET, DEFAULT_OPT_LEVEL  # light: no torch import for `omni --help`
 
     p = subparsers.add_parser(
         "build-engine",

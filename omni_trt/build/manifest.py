@@ -196,13 +196,14 @@ def verify(engine_dir: Path | str, manifest: Mapping[str, Any] | None = None) ->
         if got != want.get("sha256"):
             problems.append(f"{rel}: sha256 {got[:12]}..., manifest says {str(want.get('sha256'))[:12]}...")
     for name, comp in manifest.get("components", {}).items():
-        for rel in _component_files(comp):
+        for rel in component_files(comp):
             if rel not in files:
                 problems.append(f"{name}: {rel} is not listed in the manifest's files")
     return problems
 
 
-def _component_files(comp: Mapping[str, Any]) -> list[str]:
+def component_files(comp: Mapping[str, Any]) -> list[str]:
+    """The engine-dir files one component entry names (ONNX, external data, plan)."""
     out = list(comp.get("onnx", {}).get("files", []))
     if comp.get("engine"):
         out.append(comp["engine"]["path"])

@@ -34,6 +34,7 @@ TOLERANCE = 1e-4  # fp32 relative error of ONNX Runtime vs the original diffuser
 # Validation holds roughly the fp32 weights twice (torch module + ONNX Runtime session).
 VALIDATION_MEMORY_FACTOR = 2.5
 DEFAULT_OPT_LEVEL = 3  # TensorRT's own default
+DEFAULT_OPSET = 20  # export.DEFAULT_OPSET, without importing torch (tests check they agree)
 
 
 class BuildError(RuntimeError):
@@ -236,8 +237,6 @@ def build_engines(
     """Export, validate and compile `model`'s components into `engine_dir` and write its manifest.
     Redoes only what changed since the last run (see manifest.decide); nothing is written when
     everything is up to date."""
-    from .export import DEFAULT_OPSET
-
     model = str(model)
     family = detect_family(model)
     names = resolve_components(family, components)
@@ -298,7 +297,7 @@ def build_engines(
                 "opt_level": opt_level,
             }
         old_comp = (old or {}).get("components", {}).get(name, {}) if same_model else {}
-        sizes_now = mf.present_sizes(engine_dir, mf._component_files(old_comp)) if old_comp else {}
+        sizes_now = mf.present_sizes(engine_dir, mf.component_files(old_comp)) if old_comp else {}
         action = mf.decide(old if same_model else None, name, onnx_key, engine_key, sizes_now, force)
         actions[name] = action
         plans[name] = dict(spec=spec, dtype=comp_dtype, note=note, points=points, profile=profile, onnx_key=onnx_key, engine_key=engine_key)
@@ -368,7 +367,7 @@ def _carry_over(old: Mapping[str, Any], names: Sequence[str], model_dir: Path, f
             new["components"][name] = comp
         else:
             log.warning("%s: built from another version of the model; removing its stale files", name)
-            for rel in mf._component_files(comp):
+            for rel in mf.component_files(comp):
                 new["files"].pop(rel, None)
     return new
 
