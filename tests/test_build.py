@@ -257,7 +257,7 @@ def test_force_rebuilds_and_keeps_other_components(built, tmp_path):
 def test_failed_validation_fails_the_build(tiny_dir, tmp_path, monkeypatch, capsys):
     """The gate: an ONNX that disagrees with diffusers is not kept, and the error has the numbers.
     Export and ONNX Runtime are faked; the gate's logic is what is under test."""
-    import omni_trt.build.export as export
+    from omni_trt.build import export
     from omni_trt.build.export import ExportResult
 
     def fake_export(family, component, module, out_path, dtype=None, opset=None):

@@ -13,7 +13,10 @@ log = logging.getLogger(__name__)
 
 def add_parsers(subparsers: Any) -> None:
     """Register build-engine and inspect on the `omni` command's subparsers."""
-    from .pipeline import DEFAULT_OPSET, DEFAULT_OPT_LEVEL  # light: no torch import for `omni --help`
+    from .pipeline import (  # light: no torch import for `omni --help`
+        DEFAULT_OPSET,
+        DEFAULT_OPT_LEVEL,
+    )
 
     p = subparsers.add_parser(
         "build-engine",
@@ -25,7 +28,6 @@ def add_parsers(subparsers: Any) -> None:
             "does nothing; a changed input redoes only what it affects. The engine dir's manifest.json records "
             "what was built, and `omni serve --engine-dir DIR` uses it."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", help="hub id (org/name) or local diffusers pipeline folder")
     p.add_argument("--engine-dir", default=None, help="output folder (default: engines/<model-slug>/)")
@@ -38,7 +40,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument(
         "--target", choices=("auto", "tensorrt", "tensorrt-rtx"), default="auto",
         help="TensorRT flavour: tensorrt (datacenter GPUs; builds need a GPU) or tensorrt-rtx (RTX GPUs; builds "
-        "ahead of time without a GPU). auto: tensorrt on a GPU machine when installed, else tensorrt-rtx",
+        "ahead of time without a GPU). auto (default): tensorrt on a GPU machine when installed, else tensorrt-rtx",
     )
     p.add_argument(
         "--compute-capability", default=None, metavar="CC[,CC...]",
@@ -50,13 +52,14 @@ def add_parsers(subparsers: Any) -> None:
         help="export precision; networks are strongly typed, so this is the engine precision too. VAEs that are "
         "inaccurate in fp16 stay fp32 (default: bf16 with a GPU, fp32 without)",
     )
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (18-20 work; 23 does not build on TensorRT-RTX)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET}; 18-20 work, 23 does not build on TensorRT-RTX)")
     p.add_argument("--min-size", default=None, metavar="WxH", help="smallest image the engines accept (default: the family's minimum side, square)")
     p.add_argument("--opt-size", default=None, metavar="WxH", help="image size TensorRT tunes for (default: the family's default size)")
     p.add_argument("--max-size", default=None, metavar="WxH", help="largest image the engines accept (default: the family's default size)")
     p.add_argument(
         "--max-batch", type=int, default=1,
-        help="most images per pipeline call; the transformer profile doubles it where the family runs CFG as one batch",
+        help="most images per pipeline call (default: 1); the transformer profile doubles it where the family runs "
+        "CFG as one batch",
     )
     p.add_argument(
         "--text-len", default=None, metavar="MIN,OPT,MAX",
@@ -68,8 +71,8 @@ def add_parsers(subparsers: Any) -> None:
         "faster to build, and requests must match it",
     )
     p.add_argument(
-        "--opt-level", type=int, default=DEFAULT_OPT_LEVEL, choices=range(0, 6), metavar="0-5",
-        help="TensorRT builder optimization level: lower builds faster, higher may run faster",
+        "--opt-level", type=int, default=DEFAULT_OPT_LEVEL, choices=range(6), metavar="0-5",
+        help=f"TensorRT builder optimization level (default: {DEFAULT_OPT_LEVEL}): lower builds faster, higher may run faster",
     )
     p.add_argument(
         "--no-validate", action="store_true",

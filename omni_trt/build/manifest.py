@@ -13,10 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..models.base import Point
 
@@ -235,9 +236,14 @@ def diff_keys(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k), new.get(k)
         if a != b:
-            short = lambda v: v if not isinstance(v, (dict, list)) or len(json.dumps(v)) < 60 else "..."  # noqa: E731
-            out.append(f"{k} changed" if short(a) == short(b) == "..." else f"{k}: {short(a)} -> {short(b)}")
+            a, b = _short(a), _short(b)
+            out.append(f"{k} changed" if a == b == "..." else f"{k}: {a} -> {b}")
     return out
+
+
+def _short(v: Any) -> Any:
+    """Values short enough for a log line; '...' for long profiles."""
+    return v if not isinstance(v, (dict, list)) or len(json.dumps(v)) < 60 else "..."
 
 
 def decide(

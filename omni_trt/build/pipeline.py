@@ -14,14 +14,21 @@ import importlib
 import json
 import logging
 import re
-import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
-from ..models import COMPONENTS, Family, ModelNotFound, Point, UnsupportedModel, detect_family
+from ..models import (
+    COMPONENTS,
+    Family,
+    ModelNotFound,
+    Point,
+    UnsupportedModel,
+    detect_family,
+)
 from ..models.base import ComponentSpec
 from . import manifest as mf
 from . import trt_flavor
@@ -400,7 +407,7 @@ def _export_component(
 ) -> dict[str, Any]:
     import torch
 
-    from .export import DTYPES, check_dynamic_dims, export_component, onnx_input_dims
+    from .export import DTYPES, check_dynamic_dims, export_component
 
     spec: ComponentSpec = plan["spec"]
     dtype = DTYPES[plan["dtype"]]
@@ -631,12 +638,12 @@ def _fits_in_memory(nbytes: float) -> bool:
 
 
 def _versions(flavor: trt_flavor.Flavor | None) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
     import diffusers
     import onnx
     import onnxruntime
     import torch
-
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         ours = version("omni-trt")
