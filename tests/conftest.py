@@ -36,3 +36,30 @@ def tiny_pipeline(tiny_dir):
         return DiffusionPipeline.from_pretrained(tiny_dir(family), dtype=torch.float32)
 
     return load
+
+
+# A small profile so TensorRT-RTX builds stay quick on CPU: 64..128 px, up to 2 images per call.
+BUILD_ARGS = dict(target="tensorrt-rtx", opt_level=0, min_size="64x64", max_size="128x128", max_batch=2)
+
+
+@pytest.fixture(scope="session")
+def built(tiny_dir, tmp_path_factory):
+    """built("z-image") -> (tiny model dir, engine dir, BuildReport): ONNX export, validation and a
+    TensorRT-RTX build ahead of time, once per family per session. Tests that change an engine
+    dir copy it first."""
+    import importlib.util
+
+    from omni_trt.build.pipeline import build_engines
+
+    cache: dict[str, tuple[Path, Path, object]] = {}
+
+    def get(name: str):
+        if name not in cache:
+            if importlib.util.find_spec("tensorrt_rtx") is None:
+                pytest.fail("tensorrt_rtx is not installed: make test installs it (pip install 'omni-trt[rtx]')")
+            model = tiny_dir(name)
+            engine_dir = tmp_path_factory.mktemp(f"engines-{name}")
+            cache[name] = (model, engine_dir, build_engines(str(model), engine_dir, **BUILD_ARGS))
+        return cache[name]
+
+    return get

@@ -20,34 +20,15 @@ import pytest
 from omni_trt.build import manifest as mf
 from omni_trt.build.command import add_parsers
 from omni_trt.build.pipeline import build_engines, fit_profile
-from omni_trt.models import COMPONENTS, FAMILIES
+from omni_trt.models import FAMILIES
 from omni_trt.models.base import Point
 
 pytestmark = pytest.mark.slow
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
-BUILD_ARGS = dict(target="tensorrt-rtx", opt_level=0, min_size="64x64", max_size="128x128", max_batch=2)
-
-
-@pytest.fixture(scope="session")
-def built(tiny_dir, tmp_path_factory):
-    """built("z-image") -> (tiny model dir, engine dir, BuildReport), built once per session."""
-    cache: dict[str, tuple[Path, Path, object]] = {}
-
-    def get(name: str):
-        if name not in cache:
-            if not HAS_RTX:
-                pytest.skip("tensorrt_rtx is not installed (pip install 'omni-trt[rtx]')")
-            family = FAMILIES[name]
-            missing = [c for c in COMPONENTS if c not in family.components]
-            if missing:
-                pytest.skip(f"{name}: components {missing} are not written yet")
-            model = tiny_dir(name)
-            engine_dir = tmp_path_factory.mktemp(f"engines-{name}")
-            cache[name] = (model, engine_dir, build_engines(str(model), engine_dir, **BUILD_ARGS))
-        return cache[name]
-
-    return get
+# The session's engine builds (the `built` fixture) and their arguments live in conftest.py,
+# shared with the serving tests.
+from conftest import BUILD_ARGS  # noqa: E402
 
 
 def _copy(built, tmp_path: Path, name: str = "z-image") -> tuple[Path, Path]:

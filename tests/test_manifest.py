@@ -369,16 +369,9 @@ def test_registered_in_omni_cli():
     assert args.engine_dir == "some/dir" and callable(args.func)
 
 
-def test_engine_mismatches(tmp_path):
+def test_rebuild_command(tmp_path):
     m = mf.read(_fake_engine_dir(tmp_path / "e"))
-    assert mf.engine_mismatches(m, flavor="tensorrt-rtx", version="1.7", gpu_cc="8.9") == []
-    assert "running tensorrt" in mf.engine_mismatches(m, flavor="tensorrt")[0]
-    assert "TensorRT 1.7, running 1.8" in mf.engine_mismatches(m, version="1.8")[0]
-    m["components"]["vae_decoder"]["engine"]["compute_capabilities"] = ["8.6"]
-    assert "this GPU is 8.9" in mf.engine_mismatches(m, gpu_cc="8.9")[0]
-    m["components"]["vae_decoder"]["engine"] = None
-    assert "--onnx-only" in mf.engine_mismatches(m)[0]
-    assert mf.rebuild_command(m, "engines/x") == "omni build-engine org/name --engine-dir engines/x"
+    assert mf.rebuild_command(m, "engines/x").startswith("omni build-engine org/name --engine-dir engines/x")
 
 
 def test_cli_default_opset_is_the_exporters():

@@ -357,35 +357,6 @@ def load(engine_dir: Path | str) -> Built:
     )
 
 
-def engine_mismatches(
-    manifest: Mapping[str, Any],
-    *,
-    flavor: str | None = None,
-    version: str | None = None,
-    gpu_cc: str | None = None,
-    components: Iterable[str] | None = None,
-) -> list[str]:
-    """Why the engines of `components` (all when None) cannot run here: another TensorRT flavour
-    or version, or a GPU outside their compute-capability targets (None targets: the library's
-    defaults, left to TensorRT to check). [] means they match."""
-    problems = []
-    for name, comp in manifest.get("components", {}).items():
-        if components is not None and name not in components:
-            continue
-        engine = comp.get("engine")
-        if not engine:
-            problems.append(f"{name}: no engine was built (--onnx-only)")
-            continue
-        if flavor is not None and engine.get("flavor") != flavor:
-            problems.append(f"{name}: built for {engine.get('flavor')}, running {flavor}")
-        if version is not None and engine.get("version") != version:
-            problems.append(f"{name}: built with TensorRT {engine.get('version')}, running {version}")
-        targets = engine.get("compute_capabilities")
-        if gpu_cc is not None and targets and gpu_cc not in targets:
-            problems.append(f"{name}: built for compute capability {', '.join(targets)}, this GPU is {gpu_cc}")
-    return problems
-
-
 def rebuild_command(manifest: Mapping[str, Any], engine_dir: Path | str) -> str:
     """The command that rebuilds an engine dir for this machine (for error messages)."""
     flavors = {c["engine"]["flavor"] for c in manifest.get("components", {}).values() if c.get("engine")}

@@ -112,6 +112,16 @@ def activate(flavor: Flavor) -> None:
 # ---- compute-capability targets (TensorRT-RTX only) ----
 
 CURRENT = "current"
+# What TensorRT-RTX builds for when no target is set (its documentation; the builder config
+# cannot be asked). Recorded in manifests so the runtime knows where such an engine runs.
+RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
+
+
+def recorded_targets(flavor: Flavor, ccs: list[str] | None) -> list[str] | None:
+    """The compute capabilities an engine was built for, as the manifest records them."""
+    if not flavor.rtx:
+        return None
+    return list(ccs) if ccs else list(RTX_DEFAULT_TARGETS)
 
 
 def parse_compute_capabilities(text: str | None) -> list[str] | None:

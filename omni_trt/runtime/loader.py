@@ -30,8 +30,8 @@ class EngineDirError(RuntimeError):
     """An engine dir that cannot be served as asked; the message says why and what to run."""
 
 
-def _rebuild(model: str, engine_dir: Path) -> str:
-    return f"omni build-engine {model} --engine-dir {engine_dir} --force"
+def _rebuild(built: mf.Built) -> str:
+    return f"{mf.rebuild_command(built.raw, built.engine_dir)} --force"
 
 
 def choose_runtime(requested: str, built: mf.Built, gpu: dict[str, str] | None, trt_installed: dict[str, str | None]) -> tuple[str, str]:
@@ -67,7 +67,7 @@ def tensorrt_problems(built: mf.Built, gpu: dict[str, str] | None, trt_installed
         if gpu is None:
             problems.append(f"{name}: no CUDA GPU here")
             continue
-        targets = c.tensorrt.get("compute_capabilities") or []
+        targets = c.tensorrt.get("compute_capabilities") or []  # [] for datacenter TensorRT: the build GPU
         built_gpu = c.tensorrt.get("gpu") or {}
         if targets and gpu["compute_capability"] not in targets:
             problems.append(f"{name} targets compute capability {', '.join(targets)}, this GPU ({gpu['name']}) is {gpu['compute_capability']}")
@@ -122,7 +122,7 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
     model = built.model
     family = family_by_name(built.family)
     if detect_family(model).name != family.name:
-        raise EngineDirError(f"{model} is no longer a {family.pipeline_class}; rebuild: {_rebuild(model, engine_dir)}")
+        raise EngineDirError(f"{model} is no longer a {family.pipeline_class}; rebuild: {_rebuild(built)}")
     if runtime == "torch":
         log.info("--runtime torch: serving %s without the engines in %s", model, engine_dir)
         return load_pipeline(model, options, family)
@@ -137,7 +137,7 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
     problems = mf.verify(engine_dir, {"files": {rel: files[rel] for rel in used if rel in files}, "components": {}})
     problems += [f"{rel}: not listed in the manifest" for rel in used if rel not in files]
     if problems:
-        raise EngineDirError(f"{engine_dir} does not match its manifest: {'; '.join(problems)}. Rebuild: {_rebuild(model, engine_dir)}")
+        raise EngineDirError(f"{engine_dir} does not match its manifest: {'; '.join(problems)}. Rebuild: {_rebuild(built)}")
 
     from ..build.pipeline import resolve_model_dir
 
@@ -145,13 +145,13 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
     model_dir = resolve_model_dir(model, attrs)
     changed = mf.model_mismatches(built.raw, model_dir)
     if changed:
-        raise EngineDirError(f"the model changed since the engines were built: {'; '.join(changed)}. Rebuild: {_rebuild(model, engine_dir)}")
+        raise EngineDirError(f"the model changed since the engines were built: {'; '.join(changed)}. Rebuild: {_rebuild(built)}")
 
     trt = None
     if kind == "tensorrt":
         flavors = {c.tensorrt["flavor"] for c in built.components.values()}
         if len(flavors) != 1:
-            raise EngineDirError(f"components were built with different TensorRT flavours ({', '.join(sorted(flavors))}); rebuild: {_rebuild(model, engine_dir)}")
+            raise EngineDirError(f"components were built with different TensorRT flavours ({', '.join(sorted(flavors))}); rebuild: {_rebuild(built)}")
         trt = trt_flavor.FLAVORS[flavors.pop()].import_module()
     replacements: dict[str, Any] = {}
     for name, entry in built.components.items():
