@@ -307,3 +307,36 @@ def test_a_load_failure_is_reported_not_hung():
     with live_server(broken, wait_ready=False) as live, live.client() as c:
         wait_until(lambda: live.state.load_error is not None, 10, "load error")
         assert_error(c.get("/health"), 503, "weights are corrupt")
+
+
+def test_qwen_image_server_true_cfg_and_chat(tiny_dir):
+    runtime = load_pipeline(str(tiny_dir("qwen-image")))
+    with live_server(lambda: runtime, served_model_name="tiny-qwen") as live, live.client() as c:
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["family"] == "qwen-image" and card["defaults"]["true_cfg_scale"] == 4.0 and card["defaults"]["num_inference_steps"] == 50
+        base = {"prompt": "a teapot", "seed": 5, **SMALL}
+        plain = decode(c.post("/v1/images/generations", json=base).json()["data"][0]["b64_json"])
+        cfg = decode(c.post("/v1/images/generations", json={**base, "negative_prompt": "blurry", "true_cfg_scale": 4.0}).json()["data"][0]["b64_json"])
+        assert np.abs(plain.astype(int) - cfg).max() > 0, "true CFG with a negative prompt must change the image"
+        # guidance_scale does not apply to Qwen-Image: ignored, not an error, same image.
+        ignored = decode(c.post("/v1/images/generations", json={**base, "guidance_scale": 7.0}).json()["data"][0]["b64_json"])
+        assert_same_image(ignored, plain, tol=0)
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a teapot"}], "extra_body": {"seed": 5, "height": 64, "width": 64, "num_inference_steps": 2}})
+        assert_same_image(from_data_url(chat.json()["choices"][0]["message"]["content"][0]["image_url"]["url"]), plain)
+
+
+def test_a_fault_in_the_pipeline_is_a_500_and_the_server_keeps_serving(tiny_dir):
+    runtime = load_pipeline(str(tiny_dir("z-image")))
+    real = runtime.pipe.vae.decode
+    calls = []
+
+    def failing_once(*args, **kwargs):  # e.g. CUDA out of memory in one batch
+        if not calls:
+            calls.append(1)
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)
+
+    runtime.pipe.vae.decode = failing_once
+    with live_server(lambda: runtime) as live, live.client() as c:
+        assert_error(c.post("/v1/images/generations", json={"prompt": "x", **SMALL}), 500, "out of memory")
+        assert c.post("/v1/images/generations", json={"prompt": "x", **SMALL}).status_code == 200
