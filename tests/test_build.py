@@ -275,3 +275,25 @@ def test_inspect_prints_manifest(built, capsys):
     assert "match their sha256" in out.err
     assert _run_cli(["inspect", str(engine_dir), "--json", "--no-verify"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["family"] == "z-image"
+
+
+def test_external_data_export_builds_and_runs(tiny_dir, tmp_path, monkeypatch):
+    """Models over 2 GB export their weights to one side file: ONNX Runtime, the TensorRT-RTX
+    parser and the manifest must all follow it. Forced here with a zero threshold."""
+    import torch
+
+    from omni_trt.build import export
+    from omni_trt.runtime.engines import OnnxRuntimeEngine
+
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    engine_dir = tmp_path / "e"
+    build_engines(str(tiny_dir("z-image")), engine_dir, **{**BUILD_ARGS, "components": "vae_decoder"})
+    m = mf.read(engine_dir)
+    files = m["components"]["vae_decoder"]["onnx"]["files"]
+    assert files == ["onnx/vae_decoder.onnx", "onnx/vae_decoder.onnx.data"], files
+    assert (engine_dir / files[1]).stat().st_size > 100_000, "the conv weights should be in the side file"
+    assert max(m["components"]["vae_decoder"]["onnx"]["validation"]["errors"].values()) < 1e-4  # ORT read the side file
+    assert set(files) <= set(m["files"]) and mf.verify(engine_dir) == []
+    assert (engine_dir / m["components"]["vae_decoder"]["engine"]["path"]).stat().st_size > 0
+    out = OnnxRuntimeEngine(engine_dir / files[0])({"latent": torch.randn(1, 16, 8, 8)})["image"]
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
