@@ -135,6 +135,11 @@ def test_mismatched_or_tampered_engine_dirs_are_refused_with_the_rebuild_command
     (other / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EngineDirError, match="model changed since the engines were built"):
         load_runtime(None, other, "onnxruntime")
+    # What a hub model is checked by (configs only, no weights downloaded): the same verdicts.
+    from omni_trt.build import manifest as mf
+
+    assert mf.model_mismatches(m, model, configs_only=True) == []
+    assert [p.split(":")[0] for p in mf.model_mismatches(m, changed_model, configs_only=True)] == ["vae_decoder"]
     with pytest.raises(EngineDirError, match="not a usable engine dir"):
         load_runtime(None, tmp_path, "onnxruntime")
 

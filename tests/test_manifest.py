@@ -378,3 +378,20 @@ def test_cli_default_opset_is_the_exporters():
     from omni_trt.build import export, pipeline
 
     assert pipeline.DEFAULT_OPSET == export.DEFAULT_OPSET
+
+
+def test_config_fingerprint_ignores_weights_but_not_configs(tiny_dir, tmp_path):
+    """What serve compares for a hub model, whose replaced weights it never downloads."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_dir("z-image"), model)
+    configs = mf.model_fingerprint(model, ["vae"], configs_only=True)
+    full = mf.model_fingerprint(model, ["vae"])
+    weights = next((model / "vae").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert mf.model_fingerprint(model, ["vae"], configs_only=True) == configs
+    assert mf.model_fingerprint(model, ["vae"]) != full
+    cfg = model / "vae" / "config.json"
+    cfg.write_text(cfg.read_text().replace("0.3611", "0.5"))
+    assert mf.model_fingerprint(model, ["vae"], configs_only=True) != configs

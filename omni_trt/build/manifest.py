@@ -74,11 +74,12 @@ def _walk(root: Path) -> Iterable[Path]:
                 yield Path(dirpath) / name
 
 
-def model_fingerprint(model_dir: Path, subfolders: Iterable[str] | None = None) -> str:
+def model_fingerprint(model_dir: Path, subfolders: Iterable[str] | None = None, configs_only: bool = False) -> str:
     """sha256 over model_index.json, the content of every JSON config, and the names and sizes of
     every other file (weights, safetensors indexes, tokenizer files), under `subfolders` (all
     when None). With subfolders, model_index.json contributes only their entries, so changing one
-    component leaves the other components' fingerprints alone."""
+    component leaves the other components' fingerprints alone. configs_only: the JSON files alone
+    (configs and safetensors indexes), which a server can fetch from the hub without the weights."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
     index = json.loads((model_dir / "model_index.json").read_text())
@@ -99,7 +100,7 @@ def model_fingerprint(model_dir: Path, subfolders: Iterable[str] | None = None) 
                 continue
             if path.suffix in _CONTENT_SUFFIXES:
                 h.update(f"{rel}:{sha256_file(path)}\n".encode())
-            else:
+            elif not configs_only:
                 h.update(f"{rel}:{path.stat().st_size}\n".encode())
     return h.hexdigest()
 
@@ -111,14 +112,16 @@ def combined_fingerprint(components: Mapping[str, Mapping[str, Any]]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def model_mismatches(manifest: Mapping[str, Any], model_dir: Path | str) -> list[str]:
+def model_mismatches(manifest: Mapping[str, Any], model_dir: Path | str, configs_only: bool = False) -> list[str]:
     """Components whose source in `model_dir` differs from what they were built from (the
-    runtime's check before it swaps engines in). [] means all match."""
+    runtime's check before it swaps engines in). [] means all match. configs_only compares the
+    JSON files alone, for a hub model whose replaced weights are never downloaded."""
     problems = []
     for name, comp in manifest.get("components", {}).items():
         attr = comp.get("pipeline_attr", name)
-        want = comp.get("onnx", {}).get("key", {}).get("fingerprint")
-        got = model_fingerprint(Path(model_dir), [attr])
+        onnx = comp.get("onnx", {})
+        want = onnx.get("config_fingerprint") if configs_only else onnx.get("key", {}).get("fingerprint")
+        got = model_fingerprint(Path(model_dir), [attr], configs_only=configs_only)
         if got != want:
             problems.append(f"{name}: {Path(model_dir) / attr} differs from what the engine was built from")
     return problems

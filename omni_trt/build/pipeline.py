@@ -473,6 +473,7 @@ def _export_component(
         "onnx": {
             "path": rel,
             "files": onnx_files,
+            "config_fingerprint": mf.model_fingerprint(model_dir, [spec.pipeline_attr], configs_only=True),
             "opset": opset,
             "exporter": f"torch.onnx dynamo (optimize) torch {torch.__version__}",
             "seconds": round(seconds["export"], 3),

@@ -139,11 +139,11 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
     if problems:
         raise EngineDirError(f"{engine_dir} does not match its manifest: {'; '.join(problems)}. Rebuild: {_rebuild(built)}")
 
-    from ..build.pipeline import resolve_model_dir
-
     attrs = [family.components[name].pipeline_attr for name in built.components]
-    model_dir = resolve_model_dir(model, attrs)
-    changed = mf.model_mismatches(built.raw, model_dir)
+    local = Path(model).expanduser().is_dir()
+    model_dir = Path(model).expanduser() if local else _hub_configs(model, attrs)
+    # A hub model's replaced weights are never downloaded, so only its configs can be compared.
+    changed = mf.model_mismatches(built.raw, model_dir, configs_only=not local)
     if changed:
         raise EngineDirError(f"the model changed since the engines were built: {'; '.join(changed)}. Rebuild: {_rebuild(built)}")
 
@@ -162,7 +162,7 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         standin = spec.standin(_component_config(model_dir, spec.pipeline_attr), ProfiledEngine(engine, entry.profile, name))
         replacements[spec.pipeline_attr] = standin.to(DTYPES[entry.dtype])
     opts = LoadOptions(options.device, options.dtype, options.vae_slicing, options.vae_tiling, replacements)
-    rt = load_pipeline(str(model_dir) if Path(model).expanduser().is_dir() else model, opts, family)
+    rt = load_pipeline(str(model_dir) if local else model, opts, family)
     rt.model = model
     rt.kind = kind
     rt.components = {name: kind for name in built.components}
@@ -174,6 +174,18 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         # The pipeline truncates prompts to max_sequence_length: cap it at the built text range.
         rt.call_kwargs["max_sequence_length"] = text.points["max"].text_len
     return rt
+
+
+def _hub_configs(model: str, attrs: list[str]) -> Path:
+    """model_index.json and the replaced components' JSON files from the hub: not their weights."""
+    from huggingface_hub import snapshot_download
+
+    from ..models import ModelNotFound
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["model_index.json", *(f"{a}/*.json" for a in attrs)]))
+    except Exception as e:
+        raise ModelNotFound(f"could not fetch {model!r} from the hub: {e}") from e
 
 
 def _ort_providers(device: str) -> list[str] | None:
