@@ -24,8 +24,15 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gpu_engines(tiny_dir, tmp_path_factory):
+    from omni_trt.build import trt_flavor
     from omni_trt.build.pipeline import build_engines
 
+    gpu = trt_flavor.gpu()
+    if not trt_flavor.TENSORRT.installed():
+        supported = trt_flavor.supported_compute_capabilities(trt_flavor.TENSORRT_RTX)
+        if gpu["compute_capability"] not in supported:
+            pytest.skip(f"only TensorRT-RTX is installed and it cannot target {gpu['name']} "
+                        f"(compute capability {gpu['compute_capability']}; it supports {', '.join(supported)})")
     model = tiny_dir("z-image")
     engine_dir = tmp_path_factory.mktemp("gpu-engines")
     # fp32 so the comparison with PyTorch measures the engine, not bf16 rounding.
