@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model id)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default: 64)")
-    p.add_argument("--max-batch-size", type=int, default=4, help="images per pipeline call when batching compatible requests (default: 4)")
+    p.add_argument("--max-batch-size", type=int, default=4, help="most images per pipeline call: compatible requests are batched up to it, larger requests run in chunks of it (default: 4)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.set_defaults(func=cmd_serve)
 

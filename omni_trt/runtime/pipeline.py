@@ -93,6 +93,7 @@ class PipelineRuntime:
         # Set where engines replace components: each engine's largest batch, what runs each
         # component, the built profile (for /v1/models), extra pipeline kwargs.
         self.batch_limits: dict[str, int] = {}
+        self.max_call_images: int | None = None  # operator's cap on images per call (--max-batch-size)
         self.components: dict[str, str] = {}
         self.profile: dict[str, Any] | None = None
         self.call_kwargs: dict[str, Any] = {}
@@ -112,9 +113,9 @@ class PipelineRuntime:
         return out
 
     def max_images(self, guidance_scale: float | None) -> int | None:
-        """Images one pipeline call can take within the engines' batch ranges (None: no limit).
-        Where CFG doubles the transformer batch, half as many."""
-        limits = []
+        """Images one pipeline call can take: the operator's cap and the engines' batch ranges
+        (None: no limit). Where CFG doubles the transformer batch, half as many."""
+        limits = [self.max_call_images] if self.max_call_images else []
         if "transformer" in self.batch_limits:
             limits.append(self.batch_limits["transformer"] // self.family.transformer_batch(1, guidance_scale))
         if "vae_decoder" in self.batch_limits:

@@ -87,10 +87,10 @@ class ServerState:
         def run() -> None:
             try:
                 runtime = self.load()
-                max_batch = self.options.max_batch_size
-                if runtime.max_batch is not None:
-                    max_batch = min(max_batch, runtime.max_batch)
-                scheduler = Scheduler(self._run_batch, self.options.max_queue, max_batch, self._on_batch)
+                # One cap for both: batching stops there, and a larger request runs in chunks of it
+                # (a 10-image request is never one 10-image call that could run out of memory).
+                runtime.max_call_images = self.options.max_batch_size
+                scheduler = Scheduler(self._run_batch, self.options.max_queue, runtime.max_batch or self.options.max_batch_size, self._on_batch)
                 scheduler.start()
                 self.scheduler, self.runtime = scheduler, runtime
                 log.info("ready: %s", runtime.describe())
