@@ -32,6 +32,12 @@ class EngineStandIn(ModelMixin):
     def dtype(self) -> torch.dtype:
         return self._anchor.dtype
 
+    def with_dtype(self, dtype: torch.dtype) -> "EngineStandIn":
+        """The dtype the pipeline casts this component's inputs to (the engine's compute dtype).
+        Not .to(dtype): diffusers warns about fp32 modules on every ModelMixin dtype cast."""
+        self._anchor = self._anchor.to(dtype)
+        return self
+
     @property
     def device(self) -> torch.device:
         return self._anchor.device

@@ -160,7 +160,7 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
             raise EngineDirError(f"{family.name} {name} has no engine stand-in yet; serve with --runtime torch")
         engine = TensorRTEngine(entry.plan, trt, device) if kind == "tensorrt" else OnnxRuntimeEngine(entry.onnx, _ort_providers(device))
         standin = spec.standin(_component_config(model_dir, spec.pipeline_attr), ProfiledEngine(engine, entry.profile, name))
-        replacements[spec.pipeline_attr] = standin.to(DTYPES[entry.dtype])
+        replacements[spec.pipeline_attr] = standin.with_dtype(DTYPES[entry.dtype])
     opts = LoadOptions(options.device, options.dtype, options.vae_slicing, options.vae_tiling, replacements)
     rt = load_pipeline(str(model_dir) if local else model, opts, family)
     rt.model = model
