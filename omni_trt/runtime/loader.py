@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..build import manifest as mf
 from ..build import trt_flavor

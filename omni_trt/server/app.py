@@ -123,10 +123,13 @@ class ServerState:
         total = result.stages.get("total", 0.0)
         self.batch_seconds_ema = total if self.batch_seconds_ema is None else 0.8 * self.batch_seconds_ema + 0.2 * total
 
+    def not_ready_message(self) -> str:
+        why = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
+        return f"Model not initialized ({why})"
+
     def ready(self) -> tuple[PipelineRuntime, Scheduler]:
         if self.runtime is None or self.scheduler is None:
-            why = f"model failed to load: {self.load_error}" if self.load_error else "model is loading"
-            raise ApiError(503, f"Model not initialized ({why})", headers={"Retry-After": "5"})
+            raise ApiError(503, self.not_ready_message(), headers={"Retry-After": "5"})
         return self.runtime, self.scheduler
 
     def check_model(self, model: str | None) -> None:
@@ -154,6 +157,10 @@ class ServerState:
                     return job.future.result()
                 except OutOfProfile as e:  # a shape the built engines do not cover
                     raise ApiError(400, str(e)) from None
+                except Exception as e:  # a fault in the batch, logged with its traceback by the worker
+                    # Answered here rather than by the catch-all handler: Starlette re-raises after
+                    # that one responds, and uvicorn then closes the connection under the client.
+                    raise ApiError(500, f"internal server error: {type(e).__name__}: {e}") from None
             if await http_request.is_disconnected():
                 if scheduler.cancel(job):
                     self.metrics.dropped.inc()
@@ -172,7 +179,7 @@ class ClientGone(Exception):
     pass
 
 
-def _request_from(state: ServerState, runtime: PipelineRuntime, prompt: Any, **fields: Any) -> GenerationRequest:
+def _request_from(runtime: PipelineRuntime, prompt: Any, **fields: Any) -> GenerationRequest:
     try:
         return resolve(runtime.family, prompt, limits=runtime.limits, request_id=uuid.uuid4().hex, **fields)
     except RequestError as e:
@@ -230,8 +237,7 @@ def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> F
     @app.get("/health")
     async def health() -> JSONResponse:
         if state.runtime is None:
-            why = f"model failed to load: {state.load_error}" if state.load_error else "model is loading"
-            return JSONResponse(error_body(503, f"Model not initialized ({why})"), status_code=503)
+            return JSONResponse(error_body(503, state.not_ready_message()), status_code=503)
         return JSONResponse({"status": "ok", "model": options.served_model_name, **state.runtime.describe()})
 
     @app.get("/metrics")
@@ -257,7 +263,7 @@ def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> F
         runtime, _ = state.ready()
         state.check_model(body.model)
         req = _request_from(
-            state, runtime, body.prompt, size=body.size, n=body.n, steps=body.num_inference_steps,
+            runtime, body.prompt, size=body.size, n=body.n, steps=body.num_inference_steps,
             guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale, negative_prompt=body.negative_prompt,
             seed=body.seed, output_format=body.output_format, output_compression=body.output_compression,
         )
@@ -279,7 +285,7 @@ def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> F
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
         req = _request_from(
-            state, runtime, prompt, size=p.size, width=p.width, height=p.height, n=p.num_outputs_per_prompt,
+            runtime, prompt, size=p.size, width=p.width, height=p.height, n=p.num_outputs_per_prompt,
             steps=p.num_inference_steps, guidance_scale=p.guidance_scale, true_cfg_scale=p.true_cfg_scale,
             negative_prompt=p.negative_prompt, seed=p.seed, output_format=p.output_format, output_compression=p.output_compression,
         )
