@@ -128,7 +128,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo_model(args: argparse.Namespace) -> int:
     from .runtime.demo import build_demo_model
 
-    path = build_demo_model(Path(args.dir), args.family)
+    try:
+        path = build_demo_model(Path(args.dir), args.family, real_shapes=args.real_shapes, dtype=args.dtype)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(path)
     return 0
 
@@ -167,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Write a tiny random-weight pipeline (real diffusers classes) loadable with DiffusionPipeline.from_pretrained(DIR)."))
     p.add_argument("dir", help="output folder")
     p.add_argument("--family", choices=sorted(FAMILIES), default=DEMO_FAMILY)
+    p.add_argument("--real-shapes", action="store_true", help=(
+        "the published transformer and VAE architectures (e.g. Z-Image-Turbo's 6B transformer) with random weights and a "
+        "one-layer text encoder of the right width: for GPU benchmarks without downloadable weights. Needs the model's "
+        "size in memory and on disk"))
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights dtype with --real-shapes (default: bf16)")
     p.set_defaults(func=cmd_demo_model)
 
     for module in ("omni_trt.build.command", "omni_trt.bench"):

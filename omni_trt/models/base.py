@@ -144,6 +144,7 @@ class Family:
     build_tiny(dir): write a tiny random-weight pipeline loadable with from_pretrained(dir).
     sample_points: two distinct points (every dynamic dim > 1 and different) used for export
         and validation; None lets export derive them from the size rules.
+    build_real_shapes(dir, dtype): see the field.
     """
 
     name: str
@@ -156,6 +157,10 @@ class Family:
     components: Mapping[str, ComponentSpec]
     build_tiny: Callable[[Path], None]
     sample_points: tuple[Point, Point] | None = None
+    # build_real_shapes(dir, dtype): the published transformer and VAE architectures with random
+    # weights (speed does not depend on weight values) and a one-layer text encoder of the right
+    # width, for GPU benchmarks where no weights can be downloaded. None where not written yet.
+    build_real_shapes: Callable[[Path, str], None] | None = None
 
     def transformer_batch(self, images: int, guidance_scale: float | None) -> int:
         """The transformer's batch for `images` images: doubled where the family runs CFG as one
