@@ -19,6 +19,17 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with a message that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="hub id (org/name) or local diffusers pipeline folder; "
                    f"omitted: the embedded tiny demo model ({DEMO_FAMILY}, random weights, built on first use)")
@@ -147,10 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
         "The server listens at once and answers 503 until the model is loaded."))
     _add_load_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model id)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default: 64)")
-    p.add_argument("--max-batch-size", type=int, default=4, help="most images per pipeline call: compatible requests are batched up to it, larger requests run in chunks of it (default: 4)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="requests that may wait; more get 429 (default: 64)")
+    p.add_argument("--max-batch-size", type=positive_int, default=4, help="most images per pipeline call: compatible requests are batched up to it, larger requests run in chunks of it (default: 4)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.set_defaults(func=cmd_serve)
 

@@ -110,6 +110,8 @@ def test_demo_model_command_and_help(tmp_path):
 
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "zi")
     assert type(pipe).__name__ == "ZImagePipeline"
-    for cmd in ([], ["serve"], ["generate"], ["demo-model"]):
+    for cmd in ([], ["serve"], ["generate"], ["demo-model"], ["build-engine"], ["inspect"], ["bench"]):
         r = run([*OMNI, *cmd, "--help"], timeout=60)
         assert r.returncode == 0 and "usage: omni" in r.stdout
+    r = run([*OMNI, "serve", "--max-batch-size", "0"], timeout=60)
+    assert r.returncode == 2 and "must be at least 1" in r.stderr
