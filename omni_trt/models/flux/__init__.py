@@ -2,6 +2,7 @@
 
 from ..autoencoder_kl import vae_decoder_spec
 from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, SizeRules
+from .real import build_real_shapes
 from .tiny import build_tiny
 from .transformer import transformer_spec
 
@@ -17,4 +18,5 @@ FAMILY = Family(
     cfg_batch_above=None,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
     build_tiny=build_tiny,
+    build_real_shapes=build_real_shapes,
 )

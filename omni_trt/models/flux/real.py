@@ -1,0 +1,174 @@
+"""FLUX.1-dev at its published shapes with random weights, for GPU benchmarks without downloads.
+
+The transformer (19 double + 38 single blocks, 11.9B parameters) and the VAE are the published
+architectures; the text encoders keep the widths the transformer reads (CLIP-L 768 pooled, T5-XXL
+4096) but have one layer and the tiny tokenizers' vocabularies, since only the transformer and VAE
+are benchmarked. The big modules are built with parameters on the meta device and materialised
+once, in the target dtype, so the build needs about one model's worth of RAM, not two.
+
+Also the helpers SD3's builder shares (sd3/real.py): random_module, clip_text_one_layer, t5_xxl_one_layer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..tiny_text import clip_tokenizer, t5_tokenizer
+from ..tiny_weights import init_small
+from .tiny import MAX_TEXT, SCHEDULER_CONFIG
+
+# black-forest-labs/FLUX.1-dev transformer/config.json. Differs from the FluxTransformer2DModel
+# defaults only in guidance_embeds (default False, i.e. schnell); the rest restates the defaults
+# so a diffusers default change cannot move the benchmark. 11.90B parameters.
+TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels x 2x2 packing
+    out_channels=None,  # = in_channels
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,  # T5-XXL d_model
+    pooled_projection_dim=768,  # CLIP-L pooler output
+    guidance_embeds=True,  # published config; class default False
+    axes_dims_rope=(16, 56, 56),
+)
+
+# black-forest-labs/FLUX.1-dev vae/config.json (the AutoencoderKL defaults are SD1's one-block VAE,
+# so every field here is the checkpoint's). 83.8M parameters.
+VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=16,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.3611,
+    shift_factor=0.1159,
+    latents_mean=None,
+    latents_std=None,
+    force_upcast=True,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    mid_block_add_attention=True,
+)
+
+# Per-layer shapes of the published text encoders (openai/clip-vit-large-patch14, google/t5-v1_1-xxl);
+# depth 1 and the tiny vocabularies are the only changes.
+CLIP_L = dict(
+    hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"
+)
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64)
+
+WEIGHT_STD = 0.02  # as tiny_weights.init_small: activations stay finite through every block
+DTYPES = ("bf16", "fp16", "fp32")
+MAX_SHARD = "5GB"
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def random_module(cls: Any, config: Mapping[str, Any], dtype: Any, std: float = WEIGHT_STD) -> Any:
+    """cls(**config) with every parameter allocated once, directly in `dtype`: weight matrices and
+    convolutions Normal(0, std), biases 0, other vectors (norm scales) 1.
+
+    Parameters are created on the meta device (no memory) and buffers for real, because some are
+    computed in __init__ (SD3's sin-cos position table) and would be lost by to_empty()."""
+    import torch
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        module = cls(**config)
+    # id -> (meta param, its real one): tied parameters stay tied; holding the meta one keeps its id unique.
+    made: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is None or not p.is_meta:
+                    continue
+                if id(p) not in made:
+                    t = torch.empty(p.shape, dtype=dtype)
+                    if p.ndim >= 2:
+                        t.normal_(0.0, std)
+                    elif name == "bias":
+                        t.zero_()
+                    else:
+                        t.fill_(1.0)
+                    made[id(p)] = (p, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+                sub._parameters[name] = made[id(p)][1]
+            # Buffers by hand: ModelMixin.to(dtype) warns about fp32-kept modules these have none of.
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_floating_point():
+                    sub._buffers[name] = b.to(dtype)
+    return module
+
+
+def clip_text_one_layer(vocab_size: int, projection: bool, **widths: Any) -> Any:
+    """A one-layer CLIP text encoder at the given published widths, on the tiny tokenizer's ids."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        num_hidden_layers=1,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,  # tiny_text.clip_tokenizer puts bos/eos last
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        **widths,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def t5_xxl_one_layer(vocab_size: int) -> Any:
+    """A one-layer T5 v1.1-XXL encoder (d_model 4096, gated GELU): ~190M parameters."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            num_layers=1,
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            feed_forward_proj="gated-gelu",
+            layer_norm_epsilon=1e-6,
+            is_encoder_decoder=False,
+            use_cache=False,
+            **T5_XXL,
+        )
+    )
+
+
+def build_real_shapes(out_dir: Path, dtype: str = "bf16", overrides: Mapping[str, Any] | None = None) -> None:
+    """Write FluxPipeline with the published transformer and VAE (random weights) to out_dir.
+
+    overrides: merged into TRANSFORMER_CONFIG (tests build {"num_layers": 1, "num_single_layers": 1}
+    at full width). Full size: ~24 GB on disk in bf16 and about as much RAM while building."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    dt = torch_dtype(dtype)
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer(model_max_length=MAX_TEXT)
+    text_encoder = clip_text_one_layer(len(tokenizer), projection=False, **CLIP_L)
+    text_encoder_2 = t5_xxl_one_layer(len(tokenizer_2))
+    init_small(text_encoder, text_encoder_2)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        vae=random_module(AutoencoderKL, VAE_CONFIG, dt),
+        text_encoder=text_encoder.to(dt),
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.to(dt),
+        tokenizer_2=tokenizer_2,
+        transformer=random_module(FluxTransformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt),
+    )
+    pipe.save_pretrained(out_dir, max_shard_size=MAX_SHARD)
