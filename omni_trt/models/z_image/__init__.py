@@ -2,6 +2,7 @@
 
 from ..autoencoder_kl import vae_decoder_spec
 from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, Point, SizeRules
+from .real import build_real_shapes
 from .tiny import build_tiny
 from .transformer import transformer_spec
 
@@ -18,6 +19,7 @@ FAMILY = Family(
     cfg_batch_above=0.0,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
     build_tiny=build_tiny,
+    build_real_shapes=build_real_shapes,
     # Image tokens and captions are both padded to multiples of 32, so the derived points (text_len
     # 32, <= 32 image tokens) would make the two dims equal and torch.export would merge them.
     # Here: batch 2, 32 image tokens, 96 caption tokens; then batch 3, 64 image tokens (35 real),
