@@ -20,6 +20,7 @@ import torch
 from omni_trt.models import family_by_name
 from omni_trt.models.base import COMPONENTS, ComponentSpec, Point
 from omni_trt.models.qwen_image import real as qwen_real
+from omni_trt.models.random_weights import random_model
 from omni_trt.models.z_image import real as z_real
 
 # name -> (real module, transformer class, parameters MODELS.md states, one-layer overrides, steps)
@@ -109,7 +110,7 @@ def test_text_encoders_have_the_transformers_text_width():
 def test_random_model_sets_every_parameter_in_the_target_dtype():
     """Meta-built parameters get storage and values; tensors the constructor computes (Qwen's
     RoPE tables) stay real, so the model runs without a save/load round trip."""
-    model = z_real.random_model(
+    model = random_model(
         diffusers.QwenImageTransformer2DModel,
         # one narrow layer; head_dim stays 128 for the RoPE axes (16, 56, 56)
         dict(qwen_real.TRANSFORMER_CONFIG, num_layers=1, num_attention_heads=2, joint_attention_dim=32),

@@ -1,7 +1,14 @@
 """FLUX.1 (black-forest-labs/FLUX.1-dev): FluxPipeline."""
 
 from ..autoencoder_kl import vae_decoder_spec
-from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, SizeRules
+from ..base import (
+    FIELD_GUIDANCE,
+    FIELD_NEGATIVE_PROMPT,
+    FIELD_TRUE_CFG,
+    Defaults,
+    Family,
+    SizeRules,
+)
 from .real import build_real_shapes
 from .tiny import build_tiny
 from .transformer import transformer_spec

@@ -6,7 +6,7 @@ architectures; the text encoders keep the widths the transformer reads (CLIP-L 7
 are benchmarked. The big modules are built with parameters on the meta device and materialised
 once, in the target dtype, so the build needs about one model's worth of RAM, not two.
 
-Also the helpers SD3's builder shares (sd3/real.py): random_module, clip_text_one_layer, t5_xxl_one_layer.
+Also the helpers SD3's builder shares (sd3/real.py): clip_text_one_layer, t5_xxl_one_layer.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..random_weights import MAX_SHARD, random_model, torch_dtype
 from ..tiny_text import clip_tokenizer, t5_tokenizer
 from ..tiny_weights import init_small
 from .tiny import MAX_TEXT, SCHEDULER_CONFIG
@@ -65,54 +66,6 @@ CLIP_L = dict(
 )
 T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64)
 
-WEIGHT_STD = 0.02  # as tiny_weights.init_small: activations stay finite through every block
-DTYPES = ("bf16", "fp16", "fp32")
-MAX_SHARD = "5GB"
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def random_module(cls: Any, config: Mapping[str, Any], dtype: Any, std: float = WEIGHT_STD) -> Any:
-    """cls(**config) with every parameter allocated once, directly in `dtype`: weight matrices and
-    convolutions Normal(0, std), biases 0, other vectors (norm scales) 1.
-
-    Parameters are created on the meta device (no memory) and buffers for real, because some are
-    computed in __init__ (SD3's sin-cos position table) and would be lost by to_empty()."""
-    import torch
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        module = cls(**config)
-    # id -> (meta param, its real one): tied parameters stay tied; holding the meta one keeps its id unique.
-    made: dict[int, tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
-    with torch.no_grad():
-        for sub in module.modules():
-            for name, p in list(sub._parameters.items()):
-                if p is None or not p.is_meta:
-                    continue
-                if id(p) not in made:
-                    t = torch.empty(p.shape, dtype=dtype)
-                    if p.ndim >= 2:
-                        t.normal_(0.0, std)
-                    elif name == "bias":
-                        t.zero_()
-                    else:
-                        t.fill_(1.0)
-                    made[id(p)] = (p, torch.nn.Parameter(t, requires_grad=p.requires_grad))
-                sub._parameters[name] = made[id(p)][1]
-            # Buffers by hand: ModelMixin.to(dtype) warns about fp32-kept modules these have none of.
-            for name, b in list(sub._buffers.items()):
-                if b is not None and b.is_floating_point():
-                    sub._buffers[name] = b.to(dtype)
-    return module
-
-
 def clip_text_one_layer(vocab_size: int, projection: bool, **widths: Any) -> Any:
     """A one-layer CLIP text encoder at the given published widths, on the tiny tokenizer's ids."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -154,7 +107,12 @@ def build_real_shapes(out_dir: Path, dtype: str = "bf16", overrides: Mapping[str
     overrides: merged into TRANSFORMER_CONFIG (tests build {"num_layers": 1, "num_single_layers": 1}
     at full width). Full size: ~24 GB on disk in bf16 and about as much RAM while building."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     dt = torch_dtype(dtype)
     torch.manual_seed(0)
@@ -164,11 +122,11 @@ def build_real_shapes(out_dir: Path, dtype: str = "bf16", overrides: Mapping[str
     init_small(text_encoder, text_encoder_2)
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=random_module(AutoencoderKL, VAE_CONFIG, dt),
+        vae=random_model(AutoencoderKL, VAE_CONFIG, dt),
         text_encoder=text_encoder.to(dt),
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2.to(dt),
         tokenizer_2=tokenizer_2,
-        transformer=random_module(FluxTransformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt),
+        transformer=random_model(FluxTransformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt),
     )
     pipe.save_pretrained(out_dir, max_shard_size=MAX_SHARD)

@@ -68,7 +68,11 @@ def tiny_t5(vocab_size: int, hidden: int) -> object:
 
 def build_tiny(out_dir: Path) -> None:
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
 
     torch.manual_seed(0)
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer(model_max_length=MAX_TEXT)

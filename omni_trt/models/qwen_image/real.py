@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..random_weights import MAX_SHARD, default_dtype, random_model, torch_dtype
 from ..tiny_text import qwen2_tokenizer
 from ..tiny_weights import init_small
-from ..z_image.real import default_dtype, random_model, torch_dtype  # the shared meta-device init
 from .tiny import SCHEDULER_CONFIG  # already the published scheduler config
 
 # Qwen/Qwen-Image transformer/config.json, equal to the diffusers class defaults. The published
@@ -118,4 +118,4 @@ def build_real_shapes(out_dir: Path, dtype: str = "bf16", *, overrides: Mapping[
         tokenizer=tokenizer,
         transformer=random_model(QwenImageTransformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt),
     )
-    pipe.save_pretrained(Path(out_dir), max_shard_size="5GB")
+    pipe.save_pretrained(Path(out_dir), max_shard_size=MAX_SHARD)

@@ -52,7 +52,10 @@ def image_grid(point: Point, patch_size: int = 2) -> tuple[int, int]:
 
 def rope_from_config(config: Mapping[str, Any]) -> Any:
     """The model's own RoPE helper, built from its config (it has no weights)."""
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedLayer3DRope, QwenEmbedRope
+    from diffusers.models.transformers.transformer_qwenimage import (
+        QwenEmbedLayer3DRope,
+        QwenEmbedRope,
+    )
 
     cls = QwenEmbedLayer3DRope if config.get("use_layer3d_rope", False) else QwenEmbedRope
     return cls(theta=10000, axes_dim=list(config.get("axes_dims_rope", REAL_CONFIG["axes_dims_rope"])), scale_rope=True)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..flux.real import CLIP_L, MAX_SHARD, clip_text_one_layer, random_module, t5_xxl_one_layer, torch_dtype
+from ..flux.real import CLIP_L, clip_text_one_layer, t5_xxl_one_layer
+from ..random_weights import MAX_SHARD, random_model, torch_dtype
 from ..tiny_text import clip_tokenizer, t5_tokenizer
 from ..tiny_weights import init_small
 
@@ -93,13 +94,13 @@ def build_real_shapes(out_dir: Path, dtype: str = "bf16", overrides: Mapping[str
     init_small(*text_encoders)
     pipe = StableDiffusion3Pipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        vae=random_module(AutoencoderKL, VAE_CONFIG, dt),
+        vae=random_model(AutoencoderKL, VAE_CONFIG, dt),
         text_encoder=text_encoders[0].to(dt),
         tokenizer=tokenizer,
         text_encoder_2=text_encoders[1].to(dt),
         tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoders[2].to(dt),
         tokenizer_3=tokenizer_3,
-        transformer=random_module(SD3Transformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt),
+        transformer=random_model(SD3Transformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt),
     )
     pipe.save_pretrained(out_dir, max_shard_size=MAX_SHARD)

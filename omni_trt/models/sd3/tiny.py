@@ -18,7 +18,11 @@ MAX_T5 = 256  # the pipeline's default max_sequence_length: 77 CLIP + 256 T5 = 3
 
 def build_tiny(out_dir: Path) -> None:
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     torch.manual_seed(0)
     tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer(pad_token="!")

@@ -1,7 +1,14 @@
 """Z-Image (Tongyi-MAI/Z-Image-Turbo): ZImagePipeline."""
 
 from ..autoencoder_kl import vae_decoder_spec
-from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, Point, SizeRules
+from ..base import (
+    FIELD_GUIDANCE,
+    FIELD_NEGATIVE_PROMPT,
+    Defaults,
+    Family,
+    Point,
+    SizeRules,
+)
 from .real import build_real_shapes
 from .tiny import build_tiny
 from .transformer import transformer_spec

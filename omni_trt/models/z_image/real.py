@@ -8,17 +8,16 @@ Speed does not depend on weight values, so the weights are small random normals.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
+from ..random_weights import MAX_SHARD, default_dtype, random_model, torch_dtype
 from ..tiny_text import QWEN3_CHAT_TEMPLATE, qwen2_tokenizer
 from ..tiny_weights import init_small
 
 if TYPE_CHECKING:
     import torch
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 # Tongyi-MAI/Z-Image-Turbo transformer/config.json. Differs from the diffusers class defaults
 # only in axes_lens (published [1536, 512, 512], class default [1024, 512, 512]); MODELS.md and
@@ -81,111 +80,6 @@ TEXT_ENCODER_CONFIG: dict[str, Any] = dict(
 )
 
 
-def torch_dtype(name: str) -> "torch.dtype":
-    import torch
-
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {name!r}")
-    return getattr(torch, DTYPES[name])
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: "torch.dtype") -> Iterator[None]:
-    """Modules built inside get their parameters in `dtype` directly (no float32 copy, and no
-    ModelMixin.to, which warns about keep-in-fp32 modules on every cast)."""
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-@contextlib.contextmanager
-def parameters_on_meta(dtype: "torch.dtype") -> Iterator[None]:
-    """Every parameter registered inside is moved to the meta device in `dtype` (floating ones).
-
-    Only parameters: tensors a constructor computes as plain attributes (QwenEmbedRope's
-    pos_freqs) or buffers stay real, so the model works once its parameters are given storage;
-    under torch.device("meta") those would be meta too and nothing would recompute them. Each
-    parameter is created on the CPU uninitialised and moved right away (its init runs on meta),
-    so at most one layer's worth is ever allocated here.
-    """
-    import torch
-
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            dt = dtype if param.is_floating_point() else param.dtype
-            param = torch.nn.Parameter(param.to(device="meta", dtype=dt), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register
-
-
-def init_random(model: "torch.nn.Module", std: float = 0.02, seed: int = 0) -> None:
-    """Weight matrices and pad tokens normal(0, std) as in init_small; other 1-D weights (norm
-    scales) one; biases zero: every parameter is set, none is left as uninitialised memory.
-
-    CPU normal_ runs on one core (~0.2 G values/s: 100 s for 20B), so parameters are spread over
-    threads (torch releases the GIL), each with its own generator: deterministic for a seed
-    on a given number of cores.
-    """
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    workers = max(1, min(16, os.cpu_count() or 1))
-    shares: list[list[tuple[str, torch.nn.Parameter]]] = [[] for _ in range(workers)]
-    for i, item in enumerate(model.named_parameters()):
-        shares[i % workers].append(item)
-
-    def fill(k: int) -> None:
-        gen = torch.Generator().manual_seed(seed * 1000 + k)
-        with torch.no_grad():
-            for name, p in shares[k]:
-                if p.ndim >= 2 or "pad_token" in name:
-                    p.normal_(0.0, std, generator=gen)
-                elif name.endswith("weight"):
-                    p.fill_(1.0)
-                else:
-                    p.zero_()
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fill, range(workers)))
-
-
-def random_model(cls: Any, config: Mapping[str, Any], dtype: "torch.dtype", std: float = 0.02) -> Any:
-    """cls(**config) with random weights, allocated once in `dtype`.
-
-    The parameters are built on the meta device (no memory, no default init pass), then given
-    uninitialised CPU storage: a 20B model never exists in float32 or twice. Every parameter is
-    then set by init_random.
-    """
-    import torch
-
-    with parameters_on_meta(dtype):
-        model = cls(**config)
-    with torch.no_grad():
-        storage: dict[int, torch.nn.Parameter] = {}  # keeps tied parameters tied
-        for module in model.modules():
-            for key, p in module._parameters.items():
-                if p is not None and p.device.type == "meta":
-                    if id(p) not in storage:
-                        storage[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad)
-                    module._parameters[key] = storage[id(p)]
-    init_random(model, std)
-    return model.eval()
-
-
 def text_encoder(vocab_size: int, dtype: "torch.dtype") -> Any:
     """Qwen3Model with one real-width layer (~100M parameters: built normally, then cast)."""
     from transformers import Qwen3Config, Qwen3Model
@@ -203,7 +97,12 @@ def build_real_shapes(out_dir: Path, dtype: str = "bf16", *, overrides: Mapping[
     (12.3 GB in bf16) plus one 5 GB shard while saving; the folder takes about 12.7 GB in bf16.
     """
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
 
     dt = torch_dtype(dtype)
     torch.manual_seed(0)
@@ -219,4 +118,4 @@ def build_real_shapes(out_dir: Path, dtype: str = "bf16", *, overrides: Mapping[
         tokenizer=tokenizer,
         transformer=random_model(ZImageTransformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt),
     )
-    pipe.save_pretrained(Path(out_dir), max_shard_size="5GB")
+    pipe.save_pretrained(Path(out_dir), max_shard_size=MAX_SHARD)

@@ -12,7 +12,11 @@ TEXT_HIDDEN = 32
 
 def build_tiny(out_dir: Path) -> None:
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(0)

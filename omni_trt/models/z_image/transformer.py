@@ -110,7 +110,9 @@ class ZImagePrep:
 
     def _layout(self, size: tuple[int, int, int], cap_lens: tuple[int, ...], device: Any) -> dict[str, Any]:
         import torch
-        from diffusers.models.transformers.transformer_z_image import ZImageTransformer2DModel
+        from diffusers.models.transformers.transformer_z_image import (
+            ZImageTransformer2DModel,
+        )
 
         grid_fn = ZImageTransformer2DModel.create_coordinate_grid
         ft, ht, wt = self.grid(size)
