@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..autoencoder_kl import published_config
 from ..random_weights import MAX_SHARD, random_model, torch_dtype
 from ..tiny_text import clip_tokenizer, t5_tokenizer
 from ..tiny_weights import init_small
@@ -36,28 +37,8 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
-# black-forest-labs/FLUX.1-dev vae/config.json (the AutoencoderKL defaults are SD1's one-block VAE,
-# so every field here is the checkpoint's). 83.8M parameters.
-VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    latents_mean=None,
-    latents_std=None,
-    force_upcast=True,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    mid_block_add_attention=True,
-)
+# black-forest-labs/FLUX.1-dev vae/config.json.
+VAE_CONFIG: dict[str, Any] = published_config(scaling_factor=0.3611, shift_factor=0.1159)
 
 # Per-layer shapes of the published text encoders (openai/clip-vit-large-patch14, google/t5-v1_1-xxl);
 # depth 1 and the tiny vocabularies are the only changes.

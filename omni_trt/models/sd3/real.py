@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..autoencoder_kl import published_config
 from ..flux.real import CLIP_L, clip_text_one_layer, t5_xxl_one_layer
 from ..random_weights import MAX_SHARD, random_model, torch_dtype
 from ..tiny_text import clip_tokenizer, t5_tokenizer
@@ -38,26 +39,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
 )
 
 # stabilityai/stable-diffusion-3.5-large vae/config.json: Flux's VAE but for scaling and shift.
-VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-    latents_mean=None,
-    latents_std=None,
-    force_upcast=True,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    mid_block_add_attention=True,
-)
+VAE_CONFIG: dict[str, Any] = published_config(scaling_factor=1.5305, shift_factor=0.0609)
 
 # stabilityai/stable-diffusion-3.5-large scheduler/scheduler_config.json (static shift, no dynamic).
 SCHEDULER_CONFIG: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ..autoencoder_kl import published_config
 from ..random_weights import MAX_SHARD, default_dtype, random_model, torch_dtype
 from ..tiny_text import QWEN3_CHAT_TEMPLATE, qwen2_tokenizer
 from ..tiny_weights import init_small
@@ -41,24 +42,7 @@ TRANSFORMER_CONFIG: dict[str, Any] = dict(
 )
 
 # Z-Image-Turbo vae/config.json: the FLUX.1 AutoencoderKL (16 latent channels, no quant convs).
-VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512],
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=0.3611,
-    shift_factor=0.1159,
-    force_upcast=True,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-    mid_block_add_attention=True,
-)
+VAE_CONFIG: dict[str, Any] = published_config(scaling_factor=0.3611, shift_factor=0.1159)
 
 # Z-Image-Turbo scheduler/config.json: static shift 3 (9 steps = 8 transformer passes).
 SCHEDULER_CONFIG: dict[str, Any] = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
