@@ -6,7 +6,8 @@ diffusers."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Iterator, Mapping
 
 import torch
 from diffusers import ModelMixin
@@ -57,3 +58,24 @@ class VaeStandIn(EngineStandIn):
     def enable_tiling(self, *args: Any, **kwargs: Any) -> None: ...
 
     def disable_tiling(self) -> None: ...
+
+
+class PrepCache:
+    """Host prep (RoPE tables, masks) per key such as (size, text length), least recently used
+    evicted: a server sees many prompt lengths and sizes, so an unbounded dict would only grow."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+        else:
+            self._items[key] = make()
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return self._items[key]
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -136,29 +136,30 @@ def _reference_case(model: Any, point: Point, dtype: Any, generator: Any) -> Ref
     return ReferenceCase(inputs=inputs, expected={"sample": expected})
 
 
+ROPE_CACHE_SIZE = 64  # (size, text length) entries the stand-in keeps
+
+
 def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
     import torch
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    from ..standin import EngineStandIn
+    from ..standin import EngineStandIn, PrepCache
 
     class FluxTransformerStandIn(EngineStandIn):
         """Called by FluxPipeline exactly like FluxTransformer2DModel; runs an engine, no weights."""
 
         def __init__(self) -> None:
             super().__init__(config, engine)
-            self._rope: dict[tuple, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = {}
+            self._rope = PrepCache(ROPE_CACHE_SIZE)
 
         def _rope_for(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> dict[str, torch.Tensor]:
             # Keyed by shape (size, text length); the ids are compared too, so callers that
             # offset them (e.g. reference images) never get a stale table.
             key = (tuple(txt_ids.shape), tuple(img_ids.shape), str(img_ids.device))
-            hit = self._rope.get(key)
-            if hit is not None and torch.equal(hit[0], txt_ids) and torch.equal(hit[1], img_ids):
+            hit = self._rope.get(key, lambda: (txt_ids.clone(), img_ids.clone(), prep(config, txt_ids, img_ids)))
+            if torch.equal(hit[0], txt_ids) and torch.equal(hit[1], img_ids):
                 return hit[2]
-            tables = prep(config, txt_ids, img_ids)
-            self._rope[key] = (txt_ids.clone(), img_ids.clone(), tables)
-            return tables
+            return prep(config, txt_ids, img_ids)  # same shapes, other ids: not worth caching
 
         def forward(
             self,

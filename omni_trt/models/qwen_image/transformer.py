@@ -10,7 +10,6 @@ model's own `pos_embed`. Image and text RoPE are separate inputs so each has its
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from typing import Any, Iterator, Mapping, Sequence
 
 from ..base import ComponentSpec, Engine, Point, ReferenceCase, TensorSpec
@@ -256,7 +255,7 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
     import torch
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-    from ..standin import EngineStandIn
+    from ..standin import EngineStandIn, PrepCache
 
     class QwenImageTransformerStandIn(EngineStandIn):
         """Answers the pipeline's QwenImageTransformer2DModel calls from an engine; no weights.
@@ -269,17 +268,11 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
         def __init__(self) -> None:
             super().__init__(config, engine)
             self.pos_embed = rope_from_config(config)
-            self._rope: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+            self._rope = PrepCache(ROPE_CACHE_SIZE)
 
         def rope(self, img_shapes: Any, text_len: int, device: torch.device) -> dict[str, torch.Tensor]:
             key = (_shapes_key(img_shapes), int(text_len), str(device))
-            if key in self._rope:
-                self._rope.move_to_end(key)
-            else:
-                self._rope[key] = {k: v.to(device) for k, v in prep(self.pos_embed, img_shapes, text_len).items()}
-                if len(self._rope) > ROPE_CACHE_SIZE:  # a server sees many prompt lengths
-                    self._rope.popitem(last=False)
-            return self._rope[key]
+            return self._rope.get(key, lambda: {k: v.to(device) for k, v in prep(self.pos_embed, img_shapes, text_len).items()})
 
         def forward(
             self,
