@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from omni_trt.build.pipeline import build_engines  # noqa: E402
+from omni_trt.compiler.execute import build_engines  # noqa: E402
+from omni_trt.demo import builders  # noqa: E402
 from omni_trt.models import FAMILIES  # noqa: E402
 
 
@@ -28,22 +29,23 @@ def main() -> int:
     args = ap.parse_args()
     results = {"machine": {"platform": platform.platform(), "cpu_count": __import__("os").cpu_count()}, "families": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, family in FAMILIES.items():
+        for name in FAMILIES:
             model = Path(tmp) / name
-            family.build_tiny(model)
+            builders(name)[0](model)
             t0 = time.perf_counter()
             report = build_engines(str(model), Path(tmp) / f"engines-{name}", target="tensorrt-rtx", min_size="64x64",
                                    max_size="256x256", max_batch=2, opt_level=args.opt_level)
             total = time.perf_counter() - t0
             comps = {}
-            for comp, c in report.manifest["components"].items():
+            m = report.manifest
+            for comp, c in m.components.items():
                 comps[comp] = {
                     "seconds": report.seconds.get(comp, {}),
-                    "validation_max_rel_error": max(c["onnx"]["validation"]["errors"].values()),
-                    "validation_errors": c["onnx"]["validation"]["errors"],
-                    "onnx_mb": round(sum(report.manifest["files"][f]["size"] for f in c["onnx"]["files"]) / 1e6, 2),
-                    "plan_mb": round(report.manifest["files"][c["engine"]["path"]]["size"] / 1e6, 2),
-                    "targets": c["engine"]["compute_capabilities"],
+                    "validation_max_rel_error": max(c.onnx.validation.errors.values()),
+                    "validation_errors": c.onnx.validation.errors,
+                    "onnx_mb": round(sum(m.files[f].size for f in c.onnx.files) / 1e6, 2),
+                    "plan_mb": round(m.files[c.engine.path].size / 1e6, 2),
+                    "targets": c.engine.compute_capabilities,
                 }
             results["families"][name] = {"total_s": round(total, 1), "components": comps}
             print(f"{name}: {total:.1f} s " + ", ".join(

@@ -24,7 +24,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from omni_trt.runtime.demo import ensure_demo_model  # noqa: E402
+from omni_trt.demo import ensure_demo_model  # noqa: E402
 from omni_trt.runtime.pipeline import load_pipeline  # noqa: E402
 from omni_trt.runtime.request import resolve  # noqa: E402
 from omni_trt.server.encoding import encode_image  # noqa: E402

@@ -61,13 +61,13 @@ def _runtime_names(args: argparse.Namespace) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .build import manifest
-    from .runtime.demo import ensure_demo_model
+    from .demo import ensure_demo_model
+    from .enginedir import Manifest
     from .runtime.loader import load_runtime
     from .runtime.pipeline import LoadOptions
     from .runtime.request import resolve
 
-    model = args.model or (manifest.read(args.engine_dir)["model"]["id"] if args.engine_dir else str(ensure_demo_model()))
+    model = args.model or (Manifest.read(args.engine_dir).model.id if args.engine_dir else str(ensure_demo_model()))
     results: dict[str, Any] = {
         "model": model,
         "engine_dir": args.engine_dir,

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .models import DEMO_FAMILY, FAMILIES, ModelNotFound, UnsupportedModel
+from . import logs
+from .demo import DEMO_FAMILY
+from .errors import OmniError
+from .models import FAMILIES
 
 log = logging.getLogger("omni_trt")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def positive_int(text: str) -> int:
@@ -47,7 +45,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
 def _model_or_demo(model: str | None) -> str:
     if model is not None:
         return model
-    from .runtime.demo import ensure_demo_model
+    from .demo import ensure_demo_model
 
     return str(ensure_demo_model())
 
@@ -69,16 +67,9 @@ def _engine_dir_model(engine_dir: str | None) -> str | None:
     """The model an engine dir was built for, read before listening so a wrong dir fails fast."""
     if engine_dir is None:
         return None
-    from .build import manifest
+    from .enginedir import Manifest
 
-    try:
-        return manifest.read(engine_dir)["model"]["id"]
-    except Exception as e:
-        raise UsageError(f"{engine_dir} is not an engine dir ({e}); build one with: omni build-engine MODEL --engine-dir {engine_dir}") from e
-
-
-class UsageError(RuntimeError):
-    pass
+    return Manifest.read(engine_dir).model.id
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -105,24 +96,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .runtime.request import RequestError, resolve
+    from .runtime.request import resolve
     from .server.encoding import encode_image
 
-    from .runtime.loader import EngineDirError
-
-    try:
-        runtime = _loader(args)()
-    except EngineDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        req = resolve(
-            runtime.family, args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
-            true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seed=args.seed, limits=runtime.limits,
-        )
-    except RequestError as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 2
+    runtime = _loader(args)()
+    req = resolve(
+        runtime.family, args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
+        true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seed=args.seed, limits=runtime.limits,
+    )
     result = runtime.generate([req])
     out = Path(args.output)
     paths = [out] if req.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(req.n)]
@@ -137,14 +118,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from .runtime.demo import build_demo_model
+    from .demo import build_demo_model
 
-    try:
-        path = build_demo_model(Path(args.dir), args.family, real_shapes=args.real_shapes, dtype=args.dtype)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
+    print(build_demo_model(Path(args.dir), args.family, real_shapes=args.real_shapes, dtype=args.dtype))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .enginedir import Manifest, format_manifest
+
+    m = Manifest.read(args.engine_dir)
+    print(json.dumps(m.to_json(), indent=2) if args.json else format_manifest(m))
+    if args.no_verify:
+        return 0
+    problems = m.verify(args.engine_dir)
+    if problems:
+        print(f"\n{len(problems)} problem(s) in {args.engine_dir}:", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        print(f"rebuild with: {m.rebuild_command(args.engine_dir)} --force", file=sys.stderr)
+        return 1
+    print(f"\nall {len(m.files)} files match their sha256", file=sys.stderr)
     return 0
 
 
@@ -189,7 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights dtype with --real-shapes (default: bf16)")
     p.set_defaults(func=cmd_demo_model)
 
-    for module in ("omni_trt.build.command", "omni_trt.bench"):
+    p = sub.add_parser("inspect", help="show what an engine dir holds and verify its files",
+                       description="Print an engine dir's manifest readably and check every file's sha256; exits 1 on a mismatch.")
+    p.add_argument("engine_dir", metavar="DIR", help="engine dir written by build-engine")
+    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip hashing the files (fast for large engines)")
+    p.set_defaults(func=cmd_inspect)
+
+    for module in ("omni_trt.compiler.command", "omni_trt.bench"):
         try:
             mod = __import__(module, fromlist=["add_parsers"])
         except ModuleNotFoundError as e:
@@ -202,12 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    logs.setup(args.log_level)
     try:
         return int(args.func(args) or 0)
-    except (ModelNotFound, UnsupportedModel, UsageError) as e:
+    except OmniError as e:  # the one place an error becomes an exit code
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from omni_trt.models import family_by_name
+from omni_trt.demo import builders
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +18,7 @@ def tiny_dir(tmp_path_factory):
     def get(family: str) -> Path:
         if family not in built:
             out = tmp_path_factory.mktemp(f"tiny-{family}")
-            family_by_name(family).build_tiny(out)
+            builders(family)[0](out)
             built[family] = out
         return built[family]
 
@@ -49,7 +49,7 @@ def built(tiny_dir, tmp_path_factory):
     dir copy it first."""
     import importlib.util
 
-    from omni_trt.build.pipeline import build_engines
+    from omni_trt.compiler.execute import build_engines
 
     cache: dict[str, tuple[Path, Path, object]] = {}
 

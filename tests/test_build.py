@@ -9,7 +9,6 @@ the builder inputs the manifest records; test_engine_deserializes_on_gpu covers 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from omni_trt.build import manifest as mf
-from omni_trt.build.command import add_parsers
-from omni_trt.build.pipeline import build_engines, fit_profile
+from omni_trt.cli import main as omni_main
+from omni_trt.compiler.execute import build_engines
+from omni_trt.compiler.plan import fit_profile
+from omni_trt.enginedir import Manifest, onnx_relpath, plan_relpath
 from omni_trt.models import FAMILIES
 from omni_trt.models.base import Point
 
@@ -54,11 +54,11 @@ def _stamps(engine_dir: Path) -> dict[str, tuple[int, int]]:
 def test_build_writes_onnx_engines_manifest(built, name):
     model, engine_dir, report = built(name)
     family = FAMILIES[name]
-    m = mf.read(engine_dir)
+    m = Manifest.read(engine_dir).to_json()
     assert report.wrote
     assert m["model"]["family"] == name and m["model"]["id"] == str(Path(model).resolve())
     assert set(m["components"]) == set(family.components)
-    assert mf.verify(engine_dir, m) == []
+    assert Manifest.read(engine_dir).verify(engine_dir) == []
     for comp_name, comp in m["components"].items():
         spec = family.components[comp_name]
         onnx_path = engine_dir / comp["onnx"]["path"]
@@ -90,7 +90,7 @@ def test_profile_covers_requested_range(built, name):
     batches CFG); min = --min-size at one image."""
     _, engine_dir, _ = built(name)
     family = FAMILIES[name]
-    m = mf.read(engine_dir)
+    m = Manifest.read(engine_dir).to_json()
     for comp_name, comp in m["components"].items():
         lo, hi = comp["points"]["min"], comp["points"]["max"]
         assert (lo["width"], lo["height"], lo["batch"]) == (64, 64, 1)
@@ -107,12 +107,12 @@ def test_engine_network_matches_manifest(built, name):
     """Without a GPU the plan cannot be deserialized: parse the same ONNX with TensorRT-RTX's own
     parser (not polygraphy) and check the network the engine was built from against the manifest:
     I/O names and dtypes, -1 exactly on the dynamic axes, profile static dims equal the network's."""
-    from omni_trt.build import trt_flavor
+    from omni_trt.enginedir import trt_flavor
 
     trt = trt_flavor.TENSORRT_RTX.import_module()
     _, engine_dir, _ = built(name)
     family = FAMILIES[name]
-    m = mf.read(engine_dir)
+    m = Manifest.read(engine_dir).to_json()
     for comp_name, comp in m["components"].items():
         spec = family.components[comp_name]
         logger = trt.Logger(trt.Logger.ERROR)
@@ -147,14 +147,14 @@ def _has_cuda() -> bool:
 @pytest.mark.skipif(not (_has_cuda() and HAS_RTX), reason="deserializing a TensorRT-RTX engine needs a CUDA GPU")
 def test_engine_deserializes_on_gpu(built, tmp_path):
     """On an RTX-capable GPU: the plan's own I/O names and profile equal the manifest's."""
-    from omni_trt.build import trt_flavor
+    from omni_trt.enginedir import trt_flavor
 
     trt = trt_flavor.TENSORRT_RTX.import_module()
     gpu = trt_flavor.gpu()
     if gpu["compute_capability"] not in trt_flavor.supported_compute_capabilities(trt_flavor.TENSORRT_RTX):
         pytest.skip(f"TensorRT-RTX cannot run on compute capability {gpu['compute_capability']}")
     _, engine_dir, _ = built("z-image")
-    m = mf.read(engine_dir)
+    m = Manifest.read(engine_dir).to_json()
     runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
     for comp in m["components"].values():
         engine = runtime.deserialize_cuda_engine((engine_dir / comp["engine"]["path"]).read_bytes())
@@ -185,33 +185,33 @@ def test_changed_profile_rebuilds_engines_not_onnx(built, tmp_path):
     after = _stamps(engine_dir)
     for name, action in report.actions.items():
         assert action.build and not action.export, (name, action)
-        assert after[mf.onnx_relpath(name)] == before[mf.onnx_relpath(name)]
-        assert after[mf.plan_relpath(name)] != before[mf.plan_relpath(name)]
-    m = mf.read(engine_dir)
+        assert after[onnx_relpath(name)] == before[onnx_relpath(name)]
+        assert after[plan_relpath(name)] != before[plan_relpath(name)]
+    m = Manifest.read(engine_dir).to_json()
     assert m["components"]["vae_decoder"]["points"]["max"]["width"] == 192
     assert m["components"]["vae_decoder"]["profile"]["latent"]["max"][-1] == 192 // 8
-    assert mf.verify(engine_dir, m) == []
+    assert Manifest.read(engine_dir).verify(engine_dir) == []
 
 
 def test_missing_engine_rebuilds_only_it(built, tmp_path):
     model, engine_dir = _copy(built, tmp_path)
-    (engine_dir / mf.plan_relpath("transformer")).unlink()
+    (engine_dir / plan_relpath("transformer")).unlink()
     before = _stamps(engine_dir)
     report = build_engines(str(model), engine_dir, **BUILD_ARGS)
     assert report.actions["transformer"].build and not report.actions["transformer"].export
     assert report.actions["vae_decoder"].up_to_date
     after = _stamps(engine_dir)
-    assert after[mf.plan_relpath("vae_decoder")] == before[mf.plan_relpath("vae_decoder")]
-    assert mf.verify(engine_dir) == []
+    assert after[plan_relpath("vae_decoder")] == before[plan_relpath("vae_decoder")]
+    assert Manifest.read(engine_dir).verify(engine_dir) == []
 
 
 def test_corrupted_file_is_detected(built, tmp_path, capsys):
     _, engine_dir = _copy(built, tmp_path)
-    plan = engine_dir / mf.plan_relpath("vae_decoder")
+    plan = engine_dir / plan_relpath("vae_decoder")
     data = bytearray(plan.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
     plan.write_bytes(bytes(data))
-    problems = mf.verify(engine_dir)
+    problems = Manifest.read(engine_dir).verify(engine_dir)
     assert len(problems) == 1 and "vae_decoder.plan" in problems[0] and "sha256" in problems[0]
 
     rc = _run_cli(["inspect", str(engine_dir)])
@@ -226,20 +226,20 @@ def test_force_rebuilds_and_keeps_other_components(built, tmp_path):
     assert list(report.actions) == ["vae_decoder"]
     assert report.actions["vae_decoder"].export and report.actions["vae_decoder"].build
     after = _stamps(engine_dir)
-    for rel in (mf.onnx_relpath("vae_decoder"), mf.plan_relpath("vae_decoder")):
+    for rel in (onnx_relpath("vae_decoder"), plan_relpath("vae_decoder")):
         assert after[rel] != before[rel]
-    for rel in (mf.onnx_relpath("transformer"), mf.plan_relpath("transformer")):
+    for rel in (onnx_relpath("transformer"), plan_relpath("transformer")):
         assert after[rel] == before[rel]
-    m = mf.read(engine_dir)
+    m = Manifest.read(engine_dir).to_json()
     assert set(m["components"]) == {"transformer", "vae_decoder"}
-    assert mf.verify(engine_dir, m) == []
+    assert Manifest.read(engine_dir).verify(engine_dir) == []
 
 
 def test_failed_validation_fails_the_build(tiny_dir, tmp_path, monkeypatch, capsys):
     """The gate: an ONNX that disagrees with diffusers is not kept, and the error has the numbers.
     Export and ONNX Runtime are faked; the gate's logic is what is under test."""
-    from omni_trt.build import export
-    from omni_trt.build.export import ExportResult
+    from omni_trt.compiler import export
+    from omni_trt.compiler.export import ExportResult
 
     def fake_export(family, component, module, out_path, dtype=None, opset=None):
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,18 +253,17 @@ def test_failed_validation_fails_the_build(tiny_dir, tmp_path, monkeypatch, caps
     assert _run_cli(argv) == 1
     err = capsys.readouterr().err
     assert "3.00e-02" in err and "must be < 0.0001" in err
-    assert not (engine_dir / mf.onnx_relpath("vae_decoder")).exists()
-    assert "vae_decoder" not in mf.read(engine_dir)["components"]
+    assert not (engine_dir / onnx_relpath("vae_decoder")).exists()
+    # Nothing was built: no manifest claims anything (a fresh dir had none to keep).
+    assert Manifest.read_or_none(engine_dir) is None
 
 
 # ---- CLI ----
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="omni")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The `omni` command in this process, errors mapped to exit codes as the real one does."""
+    return omni_main(argv)
 
 
 def test_inspect_prints_manifest(built, capsys):
@@ -282,18 +281,18 @@ def test_external_data_export_builds_and_runs(tiny_dir, tmp_path, monkeypatch):
     parser and the manifest must all follow it. Forced here with a zero threshold."""
     import torch
 
-    from omni_trt.build import export
+    from omni_trt.compiler import export
     from omni_trt.runtime.engines import OnnxRuntimeEngine
 
     monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
     engine_dir = tmp_path / "e"
     build_engines(str(tiny_dir("z-image")), engine_dir, **{**BUILD_ARGS, "components": "vae_decoder"})
-    m = mf.read(engine_dir)
+    m = Manifest.read(engine_dir).to_json()
     files = m["components"]["vae_decoder"]["onnx"]["files"]
     assert files == ["onnx/vae_decoder.onnx", "onnx/vae_decoder.onnx.data"], files
     assert (engine_dir / files[1]).stat().st_size > 100_000, "the conv weights should be in the side file"
     assert max(m["components"]["vae_decoder"]["onnx"]["validation"]["errors"].values()) < 1e-4  # ORT read the side file
-    assert set(files) <= set(m["files"]) and mf.verify(engine_dir) == []
+    assert set(files) <= set(m["files"]) and Manifest.read(engine_dir).verify(engine_dir) == []
     assert (engine_dir / m["components"]["vae_decoder"]["engine"]["path"]).stat().st_size > 0
     out = OnnxRuntimeEngine(engine_dir / files[0])({"latent": torch.randn(1, 16, 8, 8)})["image"]
     assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()

@@ -79,10 +79,12 @@ def test_requests_beyond_the_engine_batch_are_chunked_with_the_same_images(built
     _, engine_dir, _ = built("z-image")
     rt = load_runtime(None, engine_dir, "onnxruntime")
     # max batch 2 images: the transformer profile goes to 4 so CFG (batch doubled) still takes 2.
-    assert rt.batch_limits == {"transformer": 4, "vae_decoder": 2}
+    assert rt.swap.batch_limits == {"transformer": 4, "vae_decoder": 2}
     assert rt.max_images(0.0) == 2 and rt.max_images(3.0) == 2
     req = resolve(rt.family, "a boat", size="64x64", steps=2, n=5, seed=40)
-    got = rt.generate([req]).images[0]
+    result = rt.generate([req])
+    got = result.images[0]
+    assert result.calls == [2, 2, 1]
     want = torch_runtimes("z-image").generate([req]).images[0]
     assert len(got) == 5
     for g, w in zip(got, want):
@@ -91,16 +93,16 @@ def test_requests_beyond_the_engine_batch_are_chunked_with_the_same_images(built
 
 def test_auto_runtime_without_a_gpu_is_onnxruntime_and_tensorrt_is_refused_with_reasons(built):
     _, engine_dir, _ = built("z-image")
-    from omni_trt.build import manifest
+    from omni_trt.enginedir import Manifest
 
-    b = manifest.load(engine_dir)
+    b = Manifest.read(engine_dir)
     installed = {"tensorrt": None, "tensorrt-rtx": "1.7.1.116"}
     kind, why = choose_runtime("auto", b, None, installed)
     assert kind == "onnxruntime" and "no CUDA GPU" in why
     with pytest.raises(EngineDirError, match="no CUDA GPU"):
         choose_runtime("tensorrt", b, None, installed)
-    cc = b.components["transformer"].tensorrt["compute_capabilities"]
-    flavor_version = b.components["transformer"].tensorrt["version"]
+    cc = b.components["transformer"].engine.compute_capabilities
+    flavor_version = b.components["transformer"].engine.version
     on_target = {"name": "Some RTX", "compute_capability": cc[0]}
     assert choose_runtime("auto", b, on_target, {"tensorrt-rtx": flavor_version})[0] == "tensorrt"
     with pytest.raises(EngineDirError, match="this GPU .* is 9.0"):
@@ -136,11 +138,12 @@ def test_mismatched_or_tampered_engine_dirs_are_refused_with_the_rebuild_command
     with pytest.raises(EngineDirError, match="model changed since the engines were built"):
         load_runtime(None, other, "onnxruntime")
     # What a hub model is checked by (configs only, no weights downloaded): the same verdicts.
-    from omni_trt.build import manifest as mf
+    from omni_trt.enginedir import Manifest
 
-    assert mf.model_mismatches(m, model, configs_only=True) == []
-    assert [p.split(":")[0] for p in mf.model_mismatches(m, changed_model, configs_only=True)] == ["vae_decoder"]
-    with pytest.raises(EngineDirError, match="not a usable engine dir"):
+    typed = Manifest.model_validate(m)
+    assert typed.model_mismatches(model, configs_only=True) == []
+    assert [p.split(":")[0] for p in typed.model_mismatches(changed_model, configs_only=True)] == ["vae_decoder"]
+    with pytest.raises(EngineDirError, match="not found: build engines with `omni build-engine"):
         load_runtime(None, tmp_path, "onnxruntime")
 
 

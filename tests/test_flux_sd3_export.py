@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_trt.build.export import check_dynamic_dims, export_component, sample_points, validate_onnx
+from omni_trt.compiler.export import check_dynamic_dims, export_component, sample_points, validate_onnx
 from omni_trt.models import COMPONENTS, family_by_name
 from omni_trt.models.base import Point
 from omni_trt.runtime.engines import OnnxRuntimeEngine
@@ -50,7 +50,7 @@ def exported(tiny_pipeline, tmp_path_factory):
 def test_export_validates_at_several_shapes(family, tiny_pipeline, exported):
     fam, pipe = family_by_name(family), tiny_pipeline(family)
     paths, seconds = exported(family)
-    from omni_trt.build.export import onnx_input_dims
+    from omni_trt.compiler.export import onnx_input_dims
 
     dims = onnx_input_dims(paths["transformer"])
     for name, axes in EXPECTED_DYNAMIC[family].items():

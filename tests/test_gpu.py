@@ -24,8 +24,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def gpu_engines(tiny_dir, tmp_path_factory):
-    from omni_trt.build import trt_flavor
-    from omni_trt.build.pipeline import build_engines
+    from omni_trt.enginedir import trt_flavor
+    from omni_trt.compiler.execute import build_engines
 
     gpu = trt_flavor.gpu()
     if not trt_flavor.TENSORRT.installed():

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from omni_trt.build import manifest as mf
-from omni_trt.build import trt_flavor
-from omni_trt.build.command import add_parsers
-from omni_trt.build.compile import check_profile
-from omni_trt.build.pipeline import (
+from omni_trt import enginedir as ed
+from omni_trt.cli import main as omni_main
+from omni_trt.compiler.compile import check_profile
+from omni_trt.compiler.plan import (
     component_dtype,
     fit_profile,
     model_slug,
-    parse_size,
     profile_points,
     resolve_components,
     resolve_sizes,
 )
-from omni_trt.models import FAMILIES
+from omni_trt.enginedir import Manifest, trt_flavor
+from omni_trt.errors import ManifestError
+from omni_trt.models import FAMILIES, parse_size
 from omni_trt.models.base import Point
 
 ZI = FAMILIES["z-image"]
@@ -34,13 +34,13 @@ ZI = FAMILIES["z-image"]
 # ---- sizes and points ----
 
 
-def test_parse_size():
-    assert parse_size("1024x768") == (1024, 768)
-    assert parse_size(" 512 X 256 ") == (512, 256)
-    assert parse_size("640") == (640, 640)
-    for bad in ("", "x512", "12x", "1024x768x3", "-5x5", "axb"):
-        with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
-            parse_size(bad)
+def test_parse_size_is_the_api_grammar_for_the_build_flags_too():
+    assert parse_size("1024x768", "--max-size") == (1024, 768)
+    assert parse_size(" 512x256 ", "--max-size") == (512, 256)
+    # One grammar everywhere (the API's): the build's old '640' and '512 X 256' forms are gone.
+    for bad in ("", "x512", "12x", "1024x768x3", "-5x5", "axb", "640", "512 X 256"):
+        with pytest.raises(ValueError, match="--max-size.*WxH"):
+            parse_size(bad, "--max-size")
 
 
 def test_resolve_sizes_defaults_and_checks():
@@ -174,58 +174,57 @@ ONNX_KEY = {"fingerprint": "f1", "dtype": "fp32", "opset": 20, "torch": "2.13"}
 ENGINE_KEY = {"profile": {"x": {"min": [1], "opt": [2], "max": [4]}}, "flavor": "tensorrt-rtx", "version": "1.7", "targets": "default", "opt_level": 3}
 
 
-def _old() -> dict:
-    return {
-        "components": {
-            "vae_decoder": {
-                "onnx": {"path": "onnx/vae_decoder.onnx", "files": ["onnx/vae_decoder.onnx"], "key": dict(ONNX_KEY)},
-                "engine": {"path": "vae_decoder.plan", "key": copy.deepcopy(ENGINE_KEY), "onnx_sha256": "abc"},
-            }
-        },
-        "files": {"onnx/vae_decoder.onnx": {"sha256": "abc", "size": 10}, "vae_decoder.plan": {"sha256": "def", "size": 20}},
-    }
+SHA_ONNX, SHA_PLAN = "a" * 64, "d" * 64
+
+
+def _old(engine_sha: str = SHA_ONNX) -> Manifest:
+    m = _manifest_json()
+    c = m["components"]["vae_decoder"]
+    c["onnx"]["key"] = dict(ONNX_KEY)
+    c["engine"]["key"] = copy.deepcopy(ENGINE_KEY)
+    c["engine"]["onnx_sha256"] = engine_sha
+    m["files"] = {"onnx/vae_decoder.onnx": {"sha256": SHA_ONNX, "size": 10}, "vae_decoder.plan": {"sha256": SHA_PLAN, "size": 20}}
+    return Manifest.model_validate(m)
 
 
 SIZES = {"onnx/vae_decoder.onnx": 10, "vae_decoder.plan": 20}
 
 
 def test_decide_up_to_date_and_first_build():
-    assert mf.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES).up_to_date
-    first = mf.decide(None, "vae_decoder", ONNX_KEY, ENGINE_KEY, {})
+    assert ed.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES).up_to_date
+    first = ed.decide(None, "vae_decoder", ONNX_KEY, ENGINE_KEY, {})
     assert first.export and first.build
-    assert mf.decide(_old(), "transformer", ONNX_KEY, ENGINE_KEY, {}).export
+    assert ed.decide(_old(), "transformer", ONNX_KEY, ENGINE_KEY, {}).export
 
 
 def test_decide_engine_inputs_rebuild_only_the_engine():
     for change in ({"profile": {"x": {"min": [1], "opt": [2], "max": [8]}}}, {"version": "1.8"}, {"targets": ["8.6"]}, {"opt_level": 5}, {"flavor": "tensorrt"}):
-        a = mf.decide(_old(), "vae_decoder", ONNX_KEY, {**ENGINE_KEY, **change}, SIZES)
+        a = ed.decide(_old(), "vae_decoder", ONNX_KEY, {**ENGINE_KEY, **change}, SIZES)
         assert a.build and not a.export, change
         assert any(next(iter(change)) in r for r in a.reasons)
 
 
 def test_decide_onnx_inputs_reexport_and_rebuild():
     for change in ({"opset": 18}, {"dtype": "bf16"}, {"fingerprint": "f2"}, {"torch": "2.14"}):
-        a = mf.decide(_old(), "vae_decoder", {**ONNX_KEY, **change}, ENGINE_KEY, SIZES)
+        a = ed.decide(_old(), "vae_decoder", {**ONNX_KEY, **change}, ENGINE_KEY, SIZES)
         assert a.export and a.build, change
-    assert mf.decide(_old(), "vae_decoder", {**ONNX_KEY, "opset": 18}, ENGINE_KEY, SIZES).reasons == ("opset: 20 -> 18",)
+    assert ed.decide(_old(), "vae_decoder", {**ONNX_KEY, "opset": 18}, ENGINE_KEY, SIZES).reasons == ("opset: 20 -> 18",)
 
 
 def test_decide_files():
-    a = mf.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, {**SIZES, "vae_decoder.plan": None})
+    a = ed.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, {**SIZES, "vae_decoder.plan": None})
     assert a.build and not a.export and "vae_decoder.plan missing" in a.reasons
-    a = mf.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, {**SIZES, "onnx/vae_decoder.onnx": 11})
+    a = ed.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, {**SIZES, "onnx/vae_decoder.onnx": 11})
     assert a.export and a.build
-    old = _old()
-    old["components"]["vae_decoder"]["engine"]["onnx_sha256"] = "other"
-    assert mf.decide(old, "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES).build
+    assert ed.decide(_old(engine_sha="b" * 64), "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES).build
 
 
 def test_decide_force_and_onnx_only():
-    a = mf.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES, force=True)
+    a = ed.decide(_old(), "vae_decoder", ONNX_KEY, ENGINE_KEY, SIZES, force=True)
     assert a.export and a.build and a.reasons == ("--force",)
     # --onnx-only: the existing engine stays while its ONNX does, and goes when the ONNX changes
-    assert mf.decide(_old(), "vae_decoder", ONNX_KEY, None, SIZES).up_to_date
-    a = mf.decide(_old(), "vae_decoder", {**ONNX_KEY, "dtype": "bf16"}, None, SIZES)
+    assert ed.decide(_old(), "vae_decoder", ONNX_KEY, None, SIZES).up_to_date
+    a = ed.decide(_old(), "vae_decoder", {**ONNX_KEY, "dtype": "bf16"}, None, SIZES)
     assert a.export and not a.build and a.drop_engine
 
 
@@ -245,28 +244,26 @@ def _fake_model(root: Path) -> Path:
 
 def test_fingerprints_follow_configs_and_weight_sizes(tmp_path):
     root = _fake_model(tmp_path / "m")
-    vae, tr, whole = mf.model_fingerprint(root, ["vae"]), mf.model_fingerprint(root, ["transformer"]), mf.model_fingerprint(root)
+    vae, tr, whole = ed.model_fingerprint(root, ["vae"]), ed.model_fingerprint(root, ["transformer"]), ed.model_fingerprint(root)
     (root / "vae" / "config.json").write_text('{"latent_channels": 4}')
-    assert mf.model_fingerprint(root, ["vae"]) != vae
-    assert mf.model_fingerprint(root, ["transformer"]) == tr  # the other component is unaffected
-    assert mf.model_fingerprint(root) != whole
+    assert ed.model_fingerprint(root, ["vae"]) != vae
+    assert ed.model_fingerprint(root, ["transformer"]) == tr  # the other component is unaffected
+    assert ed.model_fingerprint(root) != whole
     (root / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"0" * 201)
-    assert mf.model_fingerprint(root, ["transformer"]) != tr
+    assert ed.model_fingerprint(root, ["transformer"]) != tr
 
 
 # ---- verify / inspect on a hand-made engine dir ----
 
 
-def _fake_engine_dir(root: Path) -> Path:
-    (root / "onnx").mkdir(parents=True)
-    (root / "onnx" / "vae_decoder.onnx").write_bytes(b"onnx-bytes")
-    (root / "vae_decoder.plan").write_bytes(b"plan-bytes")
-    m = {
-        "format": mf.FORMAT,
+def _manifest_json(files: dict | None = None) -> dict:
+    """A whole, valid manifest (one component) as JSON."""
+    return {
+        "format": ed.FORMAT,
         "model": {"id": "org/name", "family": "z-image", "pipeline_class": "ZImagePipeline", "fingerprint": "f" * 64},
         "versions": {"torch": "2.13"},
         "gpu": None,
-        "built_at": mf.now(),
+        "built_at": ed.now(),
         "components": {
             "vae_decoder": {
                 "pipeline_attr": "vae",
@@ -275,41 +272,52 @@ def _fake_engine_dir(root: Path) -> Path:
                 "profile": {"latent": {"min": [1, 16, 8, 8], "opt": [1, 16, 8, 8], "max": [1, 16, 8, 8]}},
                 "inputs": [{"name": "latent", "dtype": "float32", "shape": ["batch", 16, "latent_height", "latent_width"]}],
                 "outputs": [{"name": "image", "dtype": "float32", "shape": ["batch", 3, "height", "width"]}],
-                "onnx": {"path": "onnx/vae_decoder.onnx", "files": ["onnx/vae_decoder.onnx"], "opset": 20, "exporter": "x", "seconds": 1.0,
+                "onnx": {"path": "onnx/vae_decoder.onnx", "files": ["onnx/vae_decoder.onnx"], "config_fingerprint": "c" * 64,
+                         "opset": 20, "exporter": "x", "seconds": 1.0, "exported_at": ed.now(),
                          "validation": {"dtype": "fp32", "tolerance": 1e-4, "errors": {"image@1": 1e-6}, "skipped": None}, "key": {}},
-                "engine": {"path": "vae_decoder.plan", "flavor": "tensorrt-rtx", "version": "1.7", "compute_capabilities": None,
-                           "gpu": None, "opt_level": 0, "seconds": 1.0, "key": {}},
+                "engine": {"path": "vae_decoder.plan", "flavor": "tensorrt-rtx", "module": "tensorrt_rtx", "version": "1.7",
+                           "compute_capabilities": None, "compute_capabilities_source": "library default", "gpu": None,
+                           "opt_level": 0, "io": {"inputs": [], "outputs": []}, "onnx_sha256": "a" * 64, "seconds": 1.0,
+                           "built_at": ed.now(), "key": {}},
             }
         },
-        "files": mf.file_entries(root, ["onnx/vae_decoder.onnx", "vae_decoder.plan"]),
+        "files": files or {},
     }
-    mf.write(root, m)
+
+
+def _fake_engine_dir(root: Path) -> Path:
+    from omni_trt.files import sha256_file
+
+    (root / "onnx").mkdir(parents=True)
+    (root / "onnx" / "vae_decoder.onnx").write_bytes(b"onnx-bytes")
+    (root / "vae_decoder.plan").write_bytes(b"plan-bytes")
+    files = {rel: {"sha256": sha256_file(root / rel), "size": (root / rel).stat().st_size} for rel in ("onnx/vae_decoder.onnx", "vae_decoder.plan")}
+    Manifest.model_validate(_manifest_json(files)).write(root)
     return root
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="omni")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """The `omni` command in this process, errors mapped to exit codes as the real one does."""
+    return omni_main(argv)
 
 
 def test_verify_and_inspect(tmp_path, capsys):
     d = _fake_engine_dir(tmp_path / "e")
-    assert mf.verify(d) == []
+    m = Manifest.read(d)
+    assert m.verify(d) == []
     assert _cli(["inspect", str(d)]) == 0
     out = capsys.readouterr().out
     assert "org/name" in out and "[vae_decoder]" in out and "library default" in out
-    built = mf.load(d)
-    c = built.components["vae_decoder"]
-    assert built.model == "org/name" and built.family == "z-image"
-    assert c.plan == d / "vae_decoder.plan" and c.onnx == d / "onnx/vae_decoder.onnx"
-    assert c.points["max"] == Point(1, 64, 64, 1) and c.profile["latent"][2] == (1, 16, 8, 8)
-    assert c.tensorrt["flavor"] == "tensorrt-rtx" and c.input_names == ("latent",)
+    c = m.components["vae_decoder"]
+    assert m.model.id == "org/name" and m.model.family == "z-image"
+    assert c.engine.path == "vae_decoder.plan" and c.onnx.path == "onnx/vae_decoder.onnx"
+    assert c.points.max.point == Point(1, 64, 64, 1) and c.shape_ranges()["latent"][2] == (1, 16, 8, 8)
+    assert c.engine.flavor == "tensorrt-rtx" and c.input_names == ("latent",)
+    assert Manifest.model_validate(m.to_json()) == m  # one JSON form, read back equal
 
     (d / "vae_decoder.plan").write_bytes(b"plan-bytez")  # same size, other bytes
     (d / "onnx" / "vae_decoder.onnx").unlink()
-    problems = mf.verify(d)
+    problems = m.verify(d)
     assert any("vae_decoder.plan: sha256" in p for p in problems)
     assert any("onnx/vae_decoder.onnx: missing" in p for p in problems)
     assert _cli(["inspect", str(d)]) == 1
@@ -317,11 +325,11 @@ def test_verify_and_inspect(tmp_path, capsys):
 
 
 def test_read_errors(tmp_path):
-    with pytest.raises(mf.ManifestError, match="not found"):
-        mf.read(tmp_path)
+    with pytest.raises(ManifestError, match="not found"):
+        Manifest.read(tmp_path)
     (tmp_path / "manifest.json").write_text("{")
-    with pytest.raises(mf.ManifestError, match="not valid JSON"):
-        mf.read(tmp_path)
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        Manifest.read(tmp_path)
     assert _cli(["inspect", str(tmp_path)]) == 2
 
 
@@ -351,6 +359,8 @@ def test_build_engine_cli_errors(tmp_path, capsys):
 
 
 def test_cli_help_lists_flags():
+    from omni_trt.compiler.command import add_parsers
+
     parser = argparse.ArgumentParser(prog="omni")
     sub = parser.add_subparsers(dest="command")
     add_parsers(sub)
@@ -370,14 +380,14 @@ def test_registered_in_omni_cli():
 
 
 def test_rebuild_command(tmp_path):
-    m = mf.read(_fake_engine_dir(tmp_path / "e"))
-    assert mf.rebuild_command(m, "engines/x").startswith("omni build-engine org/name --engine-dir engines/x")
+    m = Manifest.read(_fake_engine_dir(tmp_path / "e"))
+    assert m.rebuild_command("engines/x").startswith("omni build-engine org/name --engine-dir engines/x")
 
 
 def test_cli_default_opset_is_the_exporters():
-    from omni_trt.build import export, pipeline
+    from omni_trt.compiler import export, plan
 
-    assert pipeline.DEFAULT_OPSET == export.DEFAULT_OPSET
+    assert plan.DEFAULT_OPSET == export.DEFAULT_OPSET
 
 
 def test_config_fingerprint_ignores_weights_but_not_configs(tiny_dir, tmp_path):
@@ -386,12 +396,12 @@ def test_config_fingerprint_ignores_weights_but_not_configs(tiny_dir, tmp_path):
 
     model = tmp_path / "m"
     shutil.copytree(tiny_dir("z-image"), model)
-    configs = mf.model_fingerprint(model, ["vae"], configs_only=True)
-    full = mf.model_fingerprint(model, ["vae"])
+    configs = ed.model_fingerprint(model, ["vae"], configs_only=True)
+    full = ed.model_fingerprint(model, ["vae"])
     weights = next((model / "vae").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes() + b"\0")
-    assert mf.model_fingerprint(model, ["vae"], configs_only=True) == configs
-    assert mf.model_fingerprint(model, ["vae"]) != full
+    assert ed.model_fingerprint(model, ["vae"], configs_only=True) == configs
+    assert ed.model_fingerprint(model, ["vae"]) != full
     cfg = model / "vae" / "config.json"
     cfg.write_text(cfg.read_text().replace("0.3611", "0.5"))
-    assert mf.model_fingerprint(model, ["vae"], configs_only=True) != configs
+    assert ed.model_fingerprint(model, ["vae"], configs_only=True) != configs

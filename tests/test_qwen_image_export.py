@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_trt.build.export import check_dynamic_dims, export_component, relative_error, sample_points, validate_onnx
+from omni_trt.compiler.export import check_dynamic_dims, export_component, relative_error, sample_points, validate_onnx
 from omni_trt.models.base import COMPONENTS, ComponentSpec, Point
 from omni_trt.models.qwen_image import FAMILY
 from omni_trt.models.qwen_image.transformer import transformer_spec

@@ -2,9 +2,10 @@
 
 import pytest
 
-from omni_trt.models import FAMILIES, family_by_name, family_for_class
+from omni_trt.errors import RequestError
+from omni_trt.models import FAMILIES, SizeLimits, family_by_name, family_for_class, parse_size
 from omni_trt.models.base import Point
-from omni_trt.runtime.request import GenerationRequest, RequestError, SizeLimits, check_size, parse_size, pipeline_kwargs, resolve
+from omni_trt.runtime.request import GenerationRequest, pipeline_kwargs, resolve
 
 ZI = FAMILIES["z-image"]
 QW = FAMILIES["qwen-image"]
@@ -24,14 +25,17 @@ def test_parse_size_rejects_with_a_message_naming_size(text):
 
 def test_check_size_says_what_is_allowed():
     limits = SizeLimits.of(ZI)
-    check_size(64, 1024, limits)
+    limits.check(64, 1024)
     with pytest.raises(RequestError, match="multiples of 16"):
-        check_size(100, 64, limits)
+        limits.check(100, 64)
     with pytest.raises(RequestError, match=r"64\.\.2048"):
-        check_size(4096, 64, limits)
+        limits.check(4096, 64)
     engine = SizeLimits(16, 64, 2048, min_width=64, max_width=512, min_height=64, max_height=256, source="engine profile")
     with pytest.raises(RequestError, match="height 64..256.*engine profile"):
-        check_size(128, 512, engine)
+        engine.check(128, 512)
+    with pytest.raises(RequestError, match="--max-size 100x64") as e:
+        limits.check(100, 64, "--max-size")
+    assert e.value.param == "--max-size"
 
 
 def test_defaults_differ_per_family_and_only_applicable_fields_pass():

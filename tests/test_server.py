@@ -342,16 +342,24 @@ def test_a_fault_in_the_pipeline_is_a_500_and_the_server_keeps_serving(tiny_dir)
         assert c.post("/v1/images/generations", json={"prompt": "x", **SMALL}).status_code == 200
 
 
+def _histogram(metric) -> dict[str, float]:
+    """A Prometheus histogram's samples: 'count', 'sum' and 'le=<bound>' -> value."""
+    out = {}
+    for s in metric.collect()[0].samples:
+        kind = s.name.rsplit("_", 1)[1]
+        out[f"le={s.labels['le']}" if kind == "bucket" else kind] = s.value
+    return out
+
+
 def test_a_request_larger_than_the_batch_cap_runs_in_chunks_with_the_same_images(tiny_dir):
     runtime = load_pipeline(str(tiny_dir("z-image")))
     solo = load_pipeline(str(tiny_dir("z-image")))
-    calls: list[int] = []
-    real_call = runtime._call
-    runtime._call = lambda reqs: (calls.append(sum(r.n for r in reqs)), real_call(reqs))[1]
     with live_server(lambda: runtime, max_batch_size=2) as live, live.client() as c:
         body = {"prompt": "a kite", "n": 5, "seed": 70, **SMALL}
         got = [decode(d["b64_json"]) for d in c.post("/v1/images/generations", json=body).json()["data"]]
-    assert len(got) == 5 and calls == [2, 2, 1]
+        calls = _histogram(live.state.metrics.batch_images)
+    # Three pipeline calls of 2, 2 and 1 images.
+    assert len(got) == 5 and (calls["count"], calls["sum"], calls["le=1.0"], calls["le=2.0"]) == (3, 5, 1, 3)
     want = solo.generate([resolve(solo.family, "a kite", size="64x64", steps=2, n=5, seed=70)]).images[0]  # one call of 5
     for g, w in zip(got, want):
         assert_same_image(g, w)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_trt.build.export import check_dynamic_dims, export_component, sample_points, validate_onnx
+from omni_trt.compiler.export import check_dynamic_dims, export_component, sample_points, validate_onnx
 from omni_trt.models.base import Point
 from omni_trt.models.z_image import FAMILY
 from omni_trt.models.z_image.transformer import ZImagePrep, transformer_spec

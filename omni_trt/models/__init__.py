@@ -4,40 +4,34 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
+from ..errors import ModelNotFound, UnsupportedModel
+from ..hub import model_dir
 from .base import COMPONENTS, Defaults, Family, Point, SizeRules
 from .flux import FAMILY as FLUX
 from .qwen_image import FAMILY as QWEN_IMAGE
 from .sd3 import FAMILY as SD3
+from .sizes import SizeLimits, parse_size
 from .z_image import FAMILY as Z_IMAGE
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (Z_IMAGE, QWEN_IMAGE, FLUX, SD3)}
-DEMO_FAMILY = Z_IMAGE.name
 
 __all__ = [
     "COMPONENTS",
-    "DEMO_FAMILY",
     "FAMILIES",
     "Defaults",
     "Family",
     "ModelNotFound",
     "Point",
+    "SizeLimits",
     "SizeRules",
     "UnsupportedModel",
+    "detect_family",
     "family_by_name",
     "family_for_class",
-    "detect_family",
+    "parse_size",
     "read_model_index",
 ]
-
-
-class UnsupportedModel(ValueError):
-    pass
-
-
-class ModelNotFound(FileNotFoundError):
-    pass
 
 
 def _supported() -> str:
@@ -59,21 +53,11 @@ def family_for_class(class_name: str) -> Family:
 
 
 def read_model_index(model: str | os.PathLike) -> dict:
-    """model_index.json of a local pipeline folder or a hub id (hub: downloads that file only)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ModelNotFound(f"{path} has no model_index.json: is it a diffusers pipeline folder?")
-        return json.loads(index.read_text())
-    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
-        raise ModelNotFound(f"model {str(model)!r} not found: give a diffusers pipeline folder or a hub id like org/name")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(str(model), "model_index.json")).read_text())
-    except Exception as e:  # offline, unknown repo, gated: all mean "not found" to the user
-        raise ModelNotFound(f"model {str(model)!r} not found locally and could not be fetched from the hub: {e}") from e
+    """model_index.json of a local pipeline folder or a hub id (hub: fetches that file only)."""
+    index = model_dir(model, ["model_index.json"]) / "model_index.json"
+    if not index.is_file():
+        raise ModelNotFound(f"{model} has no model_index.json: is it a diffusers pipeline folder?")
+    return json.loads(index.read_text())
 
 
 def detect_family(model: str | os.PathLike) -> Family:

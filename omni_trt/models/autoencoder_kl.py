@@ -58,32 +58,6 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
     return VaeDecoderStandIn(config, engine)
 
 
-def published_config(scaling_factor: float, shift_factor: float) -> dict[str, Any]:
-    """The AutoencoderKL that FLUX.1, Z-Image and SD3.5 ship (their vae/config.json; 83.8M
-    parameters): they differ only in the latent scaling and shift. The class defaults are SD1's
-    one-block VAE, so every field is spelled out."""
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        act_fn="silu",
-        latent_channels=16,
-        norm_num_groups=32,
-        sample_size=1024,
-        scaling_factor=scaling_factor,
-        shift_factor=shift_factor,
-        latents_mean=None,
-        latents_std=None,
-        force_upcast=True,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=True,
-    )
-
-
 def vae_decoder_spec(latent_channels: int = 16) -> ComponentSpec:
     dims = {0: "batch", 2: "latent_height", 3: "latent_width"}
     return ComponentSpec(

@@ -8,7 +8,6 @@ profiles and runtime range checks are all derived from it, so it is written once
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:  # torch is heavy; the server's pure parts import this module too
@@ -141,10 +140,8 @@ class Family:
     cfg_batch_above: the pipeline doubles the transformer batch for CFG when guidance_scale is
         above this (Z-Image: 0, SD3: 1); None where CFG is a second call (Qwen-Image, Flux).
     components: ComponentSpec per name in COMPONENTS.
-    build_tiny(dir): write a tiny random-weight pipeline loadable with from_pretrained(dir).
     sample_points: two distinct points (every dynamic dim > 1 and different) used for export
         and validation; None lets export derive them from the size rules.
-    build_real_shapes(dir, dtype): see the field.
     """
 
     name: str
@@ -155,12 +152,7 @@ class Family:
     text_len: tuple[int, int, int]
     cfg_batch_above: float | None
     components: Mapping[str, ComponentSpec]
-    build_tiny: Callable[[Path], None]
     sample_points: tuple[Point, Point] | None = None
-    # build_real_shapes(dir, dtype): the published transformer and VAE architectures with random
-    # weights (speed does not depend on weight values) and a one-layer text encoder of the right
-    # width, for GPU benchmarks where no weights can be downloaded. None where not written yet.
-    build_real_shapes: Callable[[Path, str], None] | None = None
 
     def transformer_batch(self, images: int, guidance_scale: float | None) -> int:
         """The transformer's batch for `images` images: doubled where the family runs CFG as one

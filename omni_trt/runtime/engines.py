@@ -15,6 +15,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .. import ort
+from ..errors import EngineDirError, OutOfProfile
+
 _ORT_TYPES = {
     "tensor(float)": torch.float32,
     "tensor(float16)": torch.float16,
@@ -25,34 +28,20 @@ _ORT_TYPES = {
 }
 
 
-class OutOfProfile(ValueError):
-    """A call outside the shapes an engine was built for."""
-
-
 class OnnxRuntimeEngine:
     """ONNX Runtime over an exported graph: CPU here, CUDA where onnxruntime-gpu is installed."""
 
     kind = "onnxruntime"
 
     def __init__(self, onnx_path: Path, providers: Sequence[str] | None = None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # ORT's idle threads spin for a while after each run; inside a pipeline that steals the
-        # cores torch's text encoder and scheduler run on next (a 20x slower text encode on CPU).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort.InferenceSession(str(onnx_path), opts, providers=list(providers))
+        self.session = ort.session(onnx_path, providers)
         inputs = self.session.get_inputs()
         self.input_names = tuple(i.name for i in inputs)
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self.input_dtypes = {i.name: _ORT_TYPES.get(i.type) for i in inputs}
         bf16 = [n for n, t in self.input_dtypes.items() if t == torch.bfloat16]
         if bf16:
-            raise ValueError(
+            raise EngineDirError(
                 f"{Path(onnx_path).name} takes bf16 inputs ({', '.join(bf16)}), which ONNX Runtime cannot feed; "
                 "export with --dtype fp32 (or fp16) for ONNX Runtime, or serve bf16 engines with --runtime tensorrt"
             )
@@ -89,7 +78,7 @@ class TensorRTEngine:
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialize {self.path} (built for another GPU or TensorRT version?)")
+            raise EngineDirError(f"TensorRT could not deserialize {self.path} (built for another GPU or TensorRT version?); rebuild it on this machine")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}

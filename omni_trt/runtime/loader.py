@@ -12,28 +12,24 @@ import logging
 from pathlib import Path
 from typing import Any
 
-
-from ..build import manifest as mf
-from ..build import trt_flavor
-from ..models import Family, detect_family, family_by_name
+from .. import hub
+from ..dtypes import torch_dtype
+from ..enginedir import Manifest, trt_flavor
+from ..errors import EngineDirError
+from ..models import Family, SizeLimits, detect_family, family_by_name
 from .engines import OnnxRuntimeEngine, ProfiledEngine, TensorRTEngine
-from .pipeline import DTYPES, LoadOptions, PipelineRuntime, default_device, load_pipeline
-from .request import SizeLimits
+from .pipeline import EngineSwap, LoadOptions, PipelineRuntime, default_device, load_pipeline
 
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "tensorrt", "onnxruntime", "torch")
 
 
-class EngineDirError(RuntimeError):
-    """An engine dir that cannot be served as asked; the message says why and what to run."""
+def _rebuild(m: Manifest, engine_dir: Path) -> str:
+    return f"{m.rebuild_command(engine_dir)} --force"
 
 
-def _rebuild(built: mf.Built) -> str:
-    return f"{mf.rebuild_command(built.raw, built.engine_dir)} --force"
-
-
-def choose_runtime(requested: str, built: mf.Built, gpu: dict[str, str] | None, trt_installed: dict[str, str | None]) -> tuple[str, str]:
+def choose_runtime(requested: str, m: Manifest, gpu: dict[str, str] | None, trt_installed: dict[str, str | None]) -> tuple[str, str]:
     """(runtime, reason). auto: TensorRT where every component has a plan, its TensorRT flavour
     and version are installed and the GPU is one the plans target; else ONNX Runtime.
     trt_installed: flavour -> installed version (None: not installed)."""
@@ -41,7 +37,7 @@ def choose_runtime(requested: str, built: mf.Built, gpu: dict[str, str] | None, 
         raise EngineDirError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIMES)}")
     if requested in ("torch", "onnxruntime"):
         return requested, "asked for"
-    problems = tensorrt_problems(built, gpu, trt_installed)
+    problems = tensorrt_problems(m, gpu, trt_installed)
     if not problems:
         return "tensorrt", "plans match this GPU and TensorRT"
     if requested == "tensorrt":
@@ -49,36 +45,36 @@ def choose_runtime(requested: str, built: mf.Built, gpu: dict[str, str] | None, 
     return "onnxruntime", "no TensorRT: " + "; ".join(problems)
 
 
-def tensorrt_problems(built: mf.Built, gpu: dict[str, str] | None, trt_installed: dict[str, str | None]) -> list[str]:
-    """Why the plans of `built` cannot run here ([] when they can)."""
+def tensorrt_problems(m: Manifest, gpu: dict[str, str] | None, trt_installed: dict[str, str | None]) -> list[str]:
+    """Why the plans of `m` cannot run here ([] when they can)."""
     problems = []
-    for name, c in built.components.items():
-        if c.plan is None or c.tensorrt is None:
+    for name, c in m.components.items():
+        engine = c.engine
+        if engine is None:
             problems.append(f"{name} has no TensorRT plan (built with --onnx-only)")
             continue
-        flavor, version = c.tensorrt["flavor"], c.tensorrt["version"]
-        have = trt_installed.get(flavor)
+        have = trt_installed.get(engine.flavor)
         if have is None:
-            hint = trt_flavor.FLAVORS[flavor].extra if flavor in trt_flavor.FLAVORS else flavor
-            problems.append(f"{name} was built with {flavor} {version}, which is not installed (pip install 'omni-trt[{hint}]')")
-        elif have != version:
-            problems.append(f"{name} was built with {flavor} {version}, this machine has {have}")
+            hint = trt_flavor.FLAVORS[engine.flavor].extra if engine.flavor in trt_flavor.FLAVORS else engine.flavor
+            problems.append(f"{name} was built with {engine.flavor} {engine.version}, which is not installed (pip install 'omni-trt[{hint}]')")
+        elif have != engine.version:
+            problems.append(f"{name} was built with {engine.flavor} {engine.version}, this machine has {have}")
         if gpu is None:
             problems.append(f"{name}: no CUDA GPU here")
             continue
-        targets = c.tensorrt.get("compute_capabilities") or []  # [] for datacenter TensorRT: the build GPU
-        built_gpu = c.tensorrt.get("gpu") or {}
+        targets = engine.compute_capabilities or ()  # () for datacenter TensorRT: the build GPU
+        built_on = engine.gpu
         if targets and gpu["compute_capability"] not in targets:
             problems.append(f"{name} targets compute capability {', '.join(targets)}, this GPU ({gpu['name']}) is {gpu['compute_capability']}")
-        elif not targets and built_gpu and built_gpu.get("compute_capability") != gpu["compute_capability"]:
-            problems.append(f"{name} was built on {built_gpu.get('name')} ({built_gpu.get('compute_capability')}), this GPU is {gpu['name']} ({gpu['compute_capability']})")
+        elif not targets and built_on and built_on.compute_capability != gpu["compute_capability"]:
+            problems.append(f"{name} was built on {built_on.name} ({built_on.compute_capability}), this GPU is {gpu['name']} ({gpu['compute_capability']})")
     return problems
 
 
-def engine_limits(family: Family, built: mf.Built, engine_dir: Path) -> SizeLimits:
+def engine_limits(family: Family, m: Manifest, engine_dir: Path) -> SizeLimits:
     """The family's size rules narrowed to what every component's profile covers."""
-    lo = [c.points["min"] for c in built.components.values()]
-    hi = [c.points["max"] for c in built.components.values()]
+    lo = [c.points.min for c in m.components.values()]
+    hi = [c.points.max for c in m.components.values()]
     return SizeLimits(
         multiple_of=family.size.multiple_of,
         min_side=family.size.min_side,
@@ -95,10 +91,6 @@ def _installed_trt() -> dict[str, str | None]:
     return {f.target: (f.version() if f.installed() else None) for f in trt_flavor.FLAVORS.values()}
 
 
-def _component_config(model_dir: Path, attr: str) -> dict[str, Any]:
-    return json.loads((Path(model_dir) / attr / "config.json").read_text())
-
-
 def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtime: str = "auto", options: LoadOptions | None = None) -> PipelineRuntime:
     """The runtime `serve` and `generate` use. Without an engine dir: the plain pipeline."""
     options = options or LoadOptions()
@@ -109,90 +101,80 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
             raise EngineDirError("no model: give MODEL or --engine-dir")
         return load_pipeline(model, options)
     engine_dir = Path(engine_dir)
-    try:
-        built = mf.load(engine_dir)
-    except (mf.ManifestError, FileNotFoundError, KeyError, ValueError) as e:
-        raise EngineDirError(f"{engine_dir} is not a usable engine dir ({e}); build one with: omni build-engine MODEL --engine-dir {engine_dir}") from e
-    if model is not None and not _same_model(model, built.model):
+    m = Manifest.read(engine_dir)
+    if model is not None and not hub.same_model(model, m.model.id):
         raise EngineDirError(
-            f"{engine_dir} was built for {built.model}, not {model}; serve it without MODEL, or build for {model}: "
+            f"{engine_dir} was built for {m.model.id}, not {model}; serve it without MODEL, or build for {model}: "
             f"omni build-engine {model} --engine-dir DIR"
         )
-    model = built.model
-    family = family_by_name(built.family)
+    model = m.model.id
+    try:
+        family = family_by_name(m.model.family)
+    except Exception:
+        raise EngineDirError(f"{engine_dir} names family {m.model.family!r}, which this omni-trt does not know; rebuild: {_rebuild(m, engine_dir)}") from None
+    unknown = [n for n in m.components if n not in family.components]
+    if unknown:
+        raise EngineDirError(f"{engine_dir} lists components {family.name} does not have ({', '.join(unknown)}); rebuild: {_rebuild(m, engine_dir)}")
     if detect_family(model).name != family.name:
-        raise EngineDirError(f"{model} is no longer a {family.pipeline_class}; rebuild: {_rebuild(built)}")
+        raise EngineDirError(f"{model} is no longer a {family.pipeline_class}; rebuild: {_rebuild(m, engine_dir)}")
     if runtime == "torch":
         log.info("--runtime torch: serving %s without the engines in %s", model, engine_dir)
         return load_pipeline(model, options, family)
 
     device = options.device or default_device()
     gpu = trt_flavor.gpu() if device.startswith("cuda") else None
-    kind, why = choose_runtime(runtime, built, gpu, _installed_trt())
+    kind, why = choose_runtime(runtime, m, gpu, _installed_trt())
     log.info("runtime %s (%s)", kind, why)
-    used = [str(c.plan.relative_to(engine_dir)) if kind == "tensorrt" else str(c.onnx.relative_to(engine_dir)) for c in built.components.values()]
-    files = built.raw.get("files", {})
-    used += [rel for rel in files if any(rel.startswith(u) for u in used) and rel not in used]  # external data
-    problems = mf.verify(engine_dir, {"files": {rel: files[rel] for rel in used if rel in files}, "components": {}})
-    problems += [f"{rel}: not listed in the manifest" for rel in used if rel not in files]
+    used = [c.engine.path if kind == "tensorrt" else c.onnx.path for c in m.components.values()]
+    used += [rel for c in m.components.values() for rel in c.onnx.files if kind != "tensorrt" and rel not in used]  # external data
+    problems = m.verify(engine_dir, only=used)
     if problems:
-        raise EngineDirError(f"{engine_dir} does not match its manifest: {'; '.join(problems)}. Rebuild: {_rebuild(built)}")
+        raise EngineDirError(f"{engine_dir} does not match its manifest: {'; '.join(problems)}. Rebuild: {_rebuild(m, engine_dir)}")
 
-    attrs = [family.components[name].pipeline_attr for name in built.components]
-    local = Path(model).expanduser().is_dir()
-    model_dir = Path(model).expanduser() if local else _hub_configs(model, attrs)
-    # A hub model's replaced weights are never downloaded, so only its configs can be compared.
-    changed = mf.model_mismatches(built.raw, model_dir, configs_only=not local)
+    attrs = [family.components[name].pipeline_attr for name in m.components]
+    local = hub.local_dir(model)
+    # A hub model's replaced weights are never downloaded: fetch their configs, compare those.
+    model_dir = local or hub.model_dir(model, ["model_index.json", *(f"{a}/*.json" for a in attrs)])
+    changed = m.model_mismatches(model_dir, configs_only=local is None)
     if changed:
-        raise EngineDirError(f"the model changed since the engines were built: {'; '.join(changed)}. Rebuild: {_rebuild(built)}")
+        raise EngineDirError(f"the model changed since the engines were built: {'; '.join(changed)}. Rebuild: {_rebuild(m, engine_dir)}")
 
     trt = None
     if kind == "tensorrt":
-        flavors = {c.tensorrt["flavor"] for c in built.components.values()}
+        flavors = {c.engine.flavor for c in m.components.values()}
         if len(flavors) != 1:
-            raise EngineDirError(f"components were built with different TensorRT flavours ({', '.join(sorted(flavors))}); rebuild: {_rebuild(built)}")
+            raise EngineDirError(f"components were built with different TensorRT flavours ({', '.join(sorted(flavors))}); rebuild: {_rebuild(m, engine_dir)}")
         trt = trt_flavor.FLAVORS[flavors.pop()].import_module()
     replacements: dict[str, Any] = {}
-    for name, entry in built.components.items():
+    for name, entry in m.components.items():
         spec = family.components[name]
         if spec.standin is None:
             raise EngineDirError(f"{family.name} {name} has no engine stand-in yet; serve with --runtime torch")
-        engine = TensorRTEngine(entry.plan, trt, device) if kind == "tensorrt" else OnnxRuntimeEngine(entry.onnx, _ort_providers(device))
-        standin = spec.standin(_component_config(model_dir, spec.pipeline_attr), ProfiledEngine(engine, entry.profile, name))
-        replacements[spec.pipeline_attr] = standin.with_dtype(DTYPES[entry.dtype])
-    opts = LoadOptions(options.device, options.dtype, options.vae_slicing, options.vae_tiling, replacements)
-    rt = load_pipeline(str(model_dir) if local else model, opts, family)
-    rt.model = model
-    rt.kind = kind
-    rt.components = {name: kind for name in built.components}
-    rt.batch_limits = {name: c.points["max"].batch for name, c in built.components.items()}
-    rt.limits = engine_limits(family, built, engine_dir)
-    rt.profile = {name: {k: vars(p) for k, p in c.points.items() if k in ("min", "max")} for name, c in built.components.items()}
-    text = built.components.get("transformer")
+        if kind == "tensorrt":
+            engine = TensorRTEngine(engine_dir / entry.engine.path, trt, device)
+        else:
+            engine = OnnxRuntimeEngine(engine_dir / entry.onnx.path, ["CPUExecutionProvider"] if device == "cpu" else None)
+        standin = spec.standin(_component_config(model_dir, spec.pipeline_attr), ProfiledEngine(engine, entry.shape_ranges(), name))
+        replacements[spec.pipeline_attr] = standin.with_dtype(torch_dtype(entry.dtype))
+    swap = EngineSwap(
+        kind=kind,
+        replacements=replacements,
+        components={name: kind for name in m.components},
+        batch_limits={name: c.points.max.batch for name, c in m.components.items()},
+        limits=engine_limits(family, m, engine_dir),
+        profile={name: {k: getattr(c.points, k).model_dump() for k in ("min", "max")} for name, c in m.components.items()},
+        call_kwargs=_text_kwargs(family, m),
+    )
+    return load_pipeline(model, options, family, swap, source=str(model_dir) if local else None)
+
+
+def _text_kwargs(family: Family, m: Manifest) -> dict[str, Any]:
+    """The pipeline truncates prompts to max_sequence_length: cap it at the built text range."""
+    text = m.components.get("transformer")
     if text is not None and family.text_len[0] != family.text_len[2]:
-        # The pipeline truncates prompts to max_sequence_length: cap it at the built text range.
-        rt.call_kwargs["max_sequence_length"] = text.points["max"].text_len
-    return rt
+        return {"max_sequence_length": text.points.max.text_len}
+    return {}
 
 
-def _hub_configs(model: str, attrs: list[str]) -> Path:
-    """model_index.json and the replaced components' JSON files from the hub: not their weights."""
-    from huggingface_hub import snapshot_download
-
-    from ..models import ModelNotFound
-
-    try:
-        return Path(snapshot_download(model, allow_patterns=["model_index.json", *(f"{a}/*.json" for a in attrs)]))
-    except Exception as e:
-        raise ModelNotFound(f"could not fetch {model!r} from the hub: {e}") from e
-
-
-def _ort_providers(device: str) -> list[str] | None:
-    return ["CPUExecutionProvider"] if device == "cpu" else None
-
-
-def _same_model(given: str, recorded: str) -> bool:
-    a, b = Path(given).expanduser(), Path(recorded).expanduser()
-    if a.exists() and b.exists():
-        return a.resolve() == b.resolve()
-    return given == recorded
+def _component_config(model_dir: Path, attr: str) -> dict[str, Any]:
+    return json.loads((Path(model_dir) / attr / "config.json").read_text())

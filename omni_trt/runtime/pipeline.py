@@ -7,16 +7,16 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from ..models import Family, detect_family
-from .request import GenerationRequest, SizeLimits, pipeline_kwargs
+from ..dtypes import check_dtype, default_dtype, torch_dtype
+from ..models import Family, SizeLimits, detect_family
+from .request import GenerationRequest, pipeline_kwargs
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STAGES = ("text_encode", "denoise", "vae_decode")
 
 
@@ -24,19 +24,32 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def default_dtype(device: str) -> str:
-    """bf16 on GPU, fp32 on CPU (CPU bf16 kernels are slow and some are missing)."""
-    return "fp32" if device == "cpu" else "bf16"
-
-
-@dataclass
+@dataclass(frozen=True)
 class LoadOptions:
+    """How to load a pipeline."""
+
     device: str | None = None
     dtype: str | None = None
     vae_slicing: bool = False
     vae_tiling: bool = False
-    # pipeline attribute -> module replacing it (engine stand-ins); those weights are never loaded
-    replacements: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineSwap:
+    """What an engine dir changes in a runtime (runtime.loader builds it).
+
+    kind: what runs the swapped components ("onnxruntime", "tensorrt"); replacements: pipeline
+    attribute -> stand-in module (those weights are never loaded); batch_limits: component ->
+    largest batch its engine takes; limits: the sizes its profile covers; profile: the built
+    min/max points per component (for /v1/models); call_kwargs: extra pipeline kwargs."""
+
+    kind: str
+    replacements: Mapping[str, Any]
+    components: Mapping[str, str] = field(default_factory=dict)
+    batch_limits: Mapping[str, int] = field(default_factory=dict)
+    limits: SizeLimits | None = None  # None: the family's own
+    profile: Mapping[str, Any] = field(default_factory=dict)
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 class StageTimer:
@@ -75,76 +88,87 @@ def _timed(fn: Callable, timer_ref: list[StageTimer | None], stage: str) -> Call
 class BatchResult:
     images: list[list[Any]]  # per request, its PIL images in order
     stages: dict[str, float]  # seconds per stage, plus "total"
+    calls: list[int] = field(default_factory=list)  # images per pipeline call (chunks of the batch)
 
 
+@dataclass(frozen=True, eq=False)
 class PipelineRuntime:
-    """A loaded pipeline; `generate()` runs one batch of compatible requests in one call.
-    Not thread-safe: the server's single worker thread owns it."""
+    """A loaded pipeline; `generate()` runs one batch of compatible requests. Built once by
+    load_pipeline from everything it needs, and never changed after: the server's worker thread
+    and the request handlers read it concurrently."""
 
-    kind = "torch"
+    model: str
+    family: Family
+    pipe: Any
+    device: str
+    dtype: str
+    swap: EngineSwap | None = None  # the engines swapped in; None: plain torch
+    _timer: list = field(default_factory=lambda: [None], init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
-    def __init__(self, model: str, family: Family, pipe: Any, device: str, dtype: str) -> None:
-        self.model = model
-        self.family = family
-        self.pipe = pipe
-        self.device = device
-        self.dtype = dtype
-        self.limits = SizeLimits.of(family)
-        # Set where engines replace components: each engine's largest batch, what runs each
-        # component, the built profile (for /v1/models), extra pipeline kwargs.
-        self.batch_limits: dict[str, int] = {}
-        self.max_call_images: int | None = None  # operator's cap on images per call (--max-batch-size)
-        self.components: dict[str, str] = {}
-        self.profile: dict[str, Any] | None = None
-        self.call_kwargs: dict[str, Any] = {}
-        self._timer: list[StageTimer | None] = [None]
-        self._lock = threading.Lock()
+    def __post_init__(self) -> None:
         # Instance attributes shadow the methods the pipeline calls on itself and its modules.
+        pipe = self.pipe
         pipe.encode_prompt = _timed(pipe.encode_prompt, self._timer, "text_encode")
         pipe.vae.decode = _timed(pipe.vae.decode, self._timer, "vae_decode")
         pipe.transformer.forward = _timed(pipe.transformer.forward, self._timer, "denoise")
 
-    def describe(self) -> dict[str, Any]:
-        out = {"runtime": self.kind, "family": self.family.name, "device": self.device, "dtype": self.dtype}
-        if self.components:
-            out["components"] = dict(self.components)
-        if self.profile is not None:
-            out["engine_profile"] = self.profile
-        return out
-
-    def max_images(self, guidance_scale: float | None) -> int | None:
-        """Images one pipeline call can take: the operator's cap and the engines' batch ranges
-        (None: no limit). Where CFG doubles the transformer batch, half as many."""
-        limits = [self.max_call_images] if self.max_call_images else []
-        if "transformer" in self.batch_limits:
-            limits.append(self.batch_limits["transformer"] // self.family.transformer_batch(1, guidance_scale))
-        if "vae_decoder" in self.batch_limits:
-            limits.append(self.batch_limits["vae_decoder"])
-        return max(1, min(limits)) if limits else None
+    @property
+    def kind(self) -> str:
+        return self.swap.kind if self.swap else "torch"
 
     @property
-    def max_batch(self) -> int | None:
-        """Images per call at the family's default guidance."""
-        return self.max_images(self.family.defaults.guidance_scale)
+    def limits(self) -> SizeLimits:
+        return (self.swap.limits if self.swap else None) or SizeLimits.of(self.family)
 
-    def generate(self, requests: list[GenerationRequest]) -> BatchResult:
-        chunks = self._chunks(requests)
+    @property
+    def components(self) -> Mapping[str, str]:
+        return self.swap.components if self.swap else {}
+
+    def describe(self) -> dict[str, Any]:
+        out = {"runtime": self.kind, "family": self.family.name, "device": self.device, "dtype": self.dtype}
+        if self.swap:
+            out["components"] = dict(self.swap.components)
+            out["engine_profile"] = dict(self.swap.profile)
+        return out
+
+    def max_images(self, guidance_scale: float | None, cap: int | None = None) -> int | None:
+        """Images one pipeline call can take: `cap` (the operator's) and the engines' batch
+        ranges (None: no limit). Where CFG doubles the transformer batch, half as many."""
+        limits = [cap] if cap else []
+        batch = self.swap.batch_limits if self.swap else {}
+        if "transformer" in batch:
+            limits.append(batch["transformer"] // self.family.transformer_batch(1, guidance_scale))
+        if "vae_decoder" in batch:
+            limits.append(batch["vae_decoder"])
+        return max(1, min(limits)) if limits else None
+
+    def max_batch(self, cap: int | None = None) -> int | None:
+        """Images per call at the family's default guidance."""
+        return self.max_images(self.family.defaults.guidance_scale, cap)
+
+    def generate(self, requests: list[GenerationRequest], max_images: int | None = None) -> BatchResult:
+        """One batch of compatible requests, in pipeline calls of at most `max_images` images
+        (and what the engines take)."""
+        chunks = self._chunks(requests, max_images)
         images: list[list[Any]] = [[] for _ in requests]
         stages: dict[str, float] = {}
+        calls: list[int] = []
         with self._lock:
             for chunk in chunks:
+                calls.append(sum(r.n for _, r in chunk))
                 out, seconds = self._call([r for _, r in chunk])
                 it = iter(out)
                 for index, r in chunk:
                     images[index].extend(next(it) for _ in range(r.n))
                 for k, v in seconds.items():
                     stages[k] = stages.get(k, 0.0) + v
-        return BatchResult(images, stages)
+        return BatchResult(images, stages, calls)
 
-    def _chunks(self, requests: list[GenerationRequest]) -> list[list[tuple[int, GenerationRequest]]]:
-        """Split so no call exceeds max_batch images; a request larger than that is split by
+    def _chunks(self, requests: list[GenerationRequest], cap: int | None) -> list[list[tuple[int, GenerationRequest]]]:
+        """Split so no call exceeds the image limit; a request larger than that is split by
         image, its seeds kept (seed + index), so the images are the same as in one call."""
-        limit = self.max_images(requests[0].guidance_scale)
+        limit = self.max_images(requests[0].guidance_scale, cap)
         if limit is None:
             return [list(enumerate(requests))]
         chunks: list[list[tuple[int, GenerationRequest]]] = [[]]
@@ -168,7 +192,7 @@ class PipelineRuntime:
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = self.pipe(**pipeline_kwargs(requests), **self.call_kwargs)
+                out = self.pipe(**pipeline_kwargs(requests), **(self.swap.call_kwargs if self.swap else {}))
         finally:
             self._timer[0] = None
         seconds = dict(timer.seconds)
@@ -189,23 +213,24 @@ def _standin_type_note(record: logging.LogRecord) -> bool:
     return not (message.startswith("Expected types for") and "StandIn" in message)
 
 
-def load_pipeline(model: str, options: LoadOptions | None = None, family: Family | None = None) -> PipelineRuntime:
-    """Load a pipeline from a hub id or a local folder; replaced components are passed to
-    from_pretrained so their weights are never read."""
+def load_pipeline(model: str, options: LoadOptions | None = None, family: Family | None = None, swap: EngineSwap | None = None,
+                  source: str | None = None) -> PipelineRuntime:
+    """Load a pipeline from a hub id or a local folder, with `swap`'s stand-ins passed to
+    from_pretrained so the replaced weights are never read. source: where to load from when it
+    is not `model` itself (a hub model's local snapshot of configs)."""
     from diffusers import DiffusionPipeline
 
     options = options or LoadOptions()
     family = family or detect_family(model)
     device = options.device or default_device()
-    dtype = options.dtype or default_dtype(device)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    dtype = check_dtype(options.dtype or default_dtype(device))
     log.info("loading %s (%s) on %s in %s", model, family.pipeline_class, device, dtype)
     t0 = time.perf_counter()
     type_notes = logging.getLogger("diffusers.pipelines.pipeline_utils")
     type_notes.addFilter(_standin_type_note)
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=DTYPES[dtype], **options.replacements)
+        replacements = dict(swap.replacements) if swap else {}
+        pipe = DiffusionPipeline.from_pretrained(source or model, dtype=torch_dtype(dtype), **replacements)
     finally:
         type_notes.removeFilter(_standin_type_note)
     pipe.to(device)
@@ -215,4 +240,4 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
     if options.vae_tiling:
         pipe.vae.enable_tiling()
     log.info("loaded in %.1fs", time.perf_counter() - t0)
-    return PipelineRuntime(model, family, pipe, device, dtype)
+    return PipelineRuntime(model, family, pipe, device, dtype, swap=swap)

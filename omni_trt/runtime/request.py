@@ -10,77 +10,14 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import RequestError
+from ..models import SizeLimits, parse_size
 from ..models.base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Family
 
 MAX_IMAGES = 10
 MAX_STEPS = 200
 MAX_SCALE = 20.0
 SEED_LIMIT = 2**63
-
-
-class RequestError(ValueError):
-    """A request the server will not run: `status` is the HTTP status (400 or 422), `param` the
-    offending field."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-
-
-@dataclass(frozen=True)
-class SizeLimits:
-    """What sizes can be made: the family's rules, narrowed by a built engine profile."""
-
-    multiple_of: int
-    min_side: int
-    max_side: int
-    # An engine profile bounds width and height separately; None means the sides rule alone.
-    min_width: int | None = None
-    max_width: int | None = None
-    min_height: int | None = None
-    max_height: int | None = None
-    source: str = "model"
-
-    @classmethod
-    def of(cls, family: Family) -> "SizeLimits":
-        return cls(family.size.multiple_of, family.size.min_side, family.size.max_side)
-
-    def describe(self) -> str:
-        if self.min_width is not None:
-            return (
-                f"width {self.min_width}..{self.max_width} and height {self.min_height}..{self.max_height}, "
-                f"multiples of {self.multiple_of} ({self.source})"
-            )
-        return f"sides {self.min_side}..{self.max_side}, multiples of {self.multiple_of} ({self.source})"
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """'WxH' -> (width, height). Lower-case x, positive integers."""
-    if not isinstance(size, str):
-        raise RequestError(f"size must be a string 'WxH', got {type(size).__name__}", "size")
-    parts = size.strip().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise RequestError(f"invalid size {size!r}: expected 'WxH' with positive integers, e.g. '1024x1024'", "size")
-    width, height = int(parts[0]), int(parts[1])
-    if width <= 0 or height <= 0:
-        raise RequestError(f"invalid size {size!r}: width and height must be positive", "size")
-    return width, height
-
-
-def check_size(width: int, height: int, limits: SizeLimits) -> None:
-    """Raise RequestError (400, param 'size') unless the model (and engine) can make this size."""
-    size = f"{width}x{height}"
-    m = limits.multiple_of
-    if width % m or height % m:
-        raise RequestError(f"size {size} is not allowed: width and height must be multiples of {m}; allowed: {limits.describe()}", "size")
-    if limits.min_width is not None:
-        ok = limits.min_width <= width <= limits.max_width and limits.min_height <= height <= limits.max_height
-    else:
-        ok = all(limits.min_side <= s <= limits.max_side for s in (width, height))
-    if not ok:
-        raise RequestError(f"size {size} is outside the allowed range: {limits.describe()}", "size")
 
 
 @dataclass(frozen=True)
@@ -112,9 +49,9 @@ class GenerationRequest:
 def _number(name: str, value: Any, lo: float, hi: float, integer: bool) -> Any:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}", name, 422)
+        raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}", name, status=422)
     if not lo <= value <= hi:
-        raise RequestError(f"{name} must be between {lo:g} and {hi:g}, got {value}", name, 422)
+        raise RequestError(f"{name} must be between {lo:g} and {hi:g}, got {value}", name, status=422)
     return value if integer else float(value)
 
 
@@ -140,19 +77,19 @@ def resolve(
     not apply to the family (e.g. true_cfg_scale for Z-Image) are dropped, not errors: generic
     clients send them to every model."""
     if not isinstance(prompt, str):
-        raise RequestError("prompt must be a string", "prompt", 422)
+        raise RequestError("prompt must be a string", "prompt", status=422)
     if not prompt.strip():
-        raise RequestError("prompt must not be empty", "prompt", 400)
+        raise RequestError("prompt must not be empty", "prompt")
     defaults = family.defaults
     if size is not None:
         width, height = parse_size(size)
     else:
         for name, v in (("width", width), ("height", height)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise RequestError(f"invalid size: {name} must be a positive integer, got {v!r}", "size", 422)
+                raise RequestError(f"invalid size: {name} must be a positive integer, got {v!r}", "size", status=422)
         width = width or defaults.width
         height = height or defaults.height
-    check_size(width, height, limits or SizeLimits.of(family))
+    (limits or SizeLimits.of(family)).check(width, height)
     n = _number("n", n, 1, MAX_IMAGES, integer=True)
     steps = defaults.steps if steps is None else _number("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
     if guidance_scale is not None:
@@ -160,13 +97,13 @@ def resolve(
     if true_cfg_scale is not None:
         true_cfg_scale = _number("true_cfg_scale", true_cfg_scale, 0.0, MAX_SCALE, integer=False)
     if negative_prompt is not None and not isinstance(negative_prompt, str):
-        raise RequestError("negative_prompt must be a string", "negative_prompt", 422)
+        raise RequestError("negative_prompt must be a string", "negative_prompt", status=422)
     if seed is None:
         seed = random.randrange(2**31)
     else:
         seed = _number("seed", seed, 0, SEED_LIMIT - 1, integer=True)
     if output_format not in ("png", "jpeg", "webp"):
-        raise RequestError(f"output_format must be one of png, jpeg, webp, got {output_format!r}", "output_format", 422)
+        raise RequestError(f"output_format must be one of png, jpeg, webp, got {output_format!r}", "output_format", status=422)
     if output_compression is not None:
         output_compression = _number("output_compression", output_compression, 0, 100, integer=True)
     fields = family.fields

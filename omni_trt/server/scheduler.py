@@ -14,14 +14,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from ..errors import OmniError
 from ..runtime.pipeline import BatchResult
 from ..runtime.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
 
-class QueueFull(RuntimeError):
-    pass
+class QueueFull(OmniError):
+    status = 429
 
 
 @dataclass

@@ -9,8 +9,6 @@ from ..base import (
     Family,
     SizeRules,
 )
-from .real import build_real_shapes
-from .tiny import build_tiny
 from .transformer import transformer_spec
 
 FAMILY = Family(
@@ -24,6 +22,4 @@ FAMILY = Family(
     text_len=(512, 512, 512),
     cfg_batch_above=None,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
-    build_tiny=build_tiny,
-    build_real_shapes=build_real_shapes,
 )

@@ -1,8 +1,6 @@
 """Qwen-Image (Qwen/Qwen-Image): QwenImagePipeline."""
 
 from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, SizeRules
-from .real import build_real_shapes
-from .tiny import build_tiny
 from .transformer import transformer_spec
 from .vae import vae_decoder_spec
 
@@ -18,6 +16,4 @@ FAMILY = Family(
     # Specs carry the released model's static feature dims; transformer_spec(config) /
     # vae_decoder_spec(config) give them for another config (the tiny test model).
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec()},
-    build_tiny=build_tiny,
-    build_real_shapes=build_real_shapes,
 )

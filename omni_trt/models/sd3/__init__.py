@@ -2,8 +2,6 @@
 
 from ..autoencoder_kl import vae_decoder_spec
 from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, SizeRules
-from .real import build_real_shapes
-from .tiny import build_tiny
 from .transformer import transformer_spec
 
 FAMILY = Family(
@@ -17,6 +15,4 @@ FAMILY = Family(
     text_len=(333, 333, 333),
     cfg_batch_above=1.0,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
-    build_tiny=build_tiny,
-    build_real_shapes=build_real_shapes,
 )

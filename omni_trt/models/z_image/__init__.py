@@ -9,8 +9,6 @@ from ..base import (
     Point,
     SizeRules,
 )
-from .real import build_real_shapes
-from .tiny import build_tiny
 from .transformer import transformer_spec
 
 FAMILY = Family(
@@ -25,8 +23,6 @@ FAMILY = Family(
     text_len=(32, 128, 512),
     cfg_batch_above=0.0,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
-    build_tiny=build_tiny,
-    build_real_shapes=build_real_shapes,
     # Image tokens and captions are both padded to multiples of 32, so the derived points (text_len
     # 32, <= 32 image tokens) would make the two dims equal and torch.export would merge them.
     # Here: batch 2, 32 image tokens, 96 caption tokens; then batch 3, 64 image tokens (35 real),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -17,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import trt_flavor
-from .trt_flavor import Flavor
+from ..enginedir import trt_flavor
+from ..enginedir.trt_flavor import Flavor
+from ..errors import BuildError
+from ..files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ Shape = tuple[int, ...]
 Profile = Mapping[str, tuple[Sequence[int], Sequence[int], Sequence[int]]]  # name -> (min, opt, max)
 
 HEARTBEAT_S = 30.0  # a real transformer build takes minutes: say we are alive this often
-
-
-class CompileError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -120,12 +117,12 @@ def _compile(
             log.info("%s: parsing %s", label, onnx_path)
             builder, network, parser = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)()
         except PolygraphyException as e:
-            raise CompileError(f"{label}: TensorRT could not parse {onnx_path}: {e}") from e
+            raise BuildError(f"{label}: TensorRT could not parse {onnx_path}: {e}") from e
         inputs = [_tensor_info(network.get_input(i)) for i in range(network.num_inputs)]
         outputs = [_tensor_info(network.get_output(i)) for i in range(network.num_outputs)]
         problems = check_profile(inputs, profile)
         if problems:
-            raise CompileError(f"{label}: the profile does not fit the network:\n  " + "\n  ".join(problems))
+            raise BuildError(f"{label}: the profile does not fit the network:\n  " + "\n  ".join(problems))
 
         poly_profile = PolyProfile()
         for name, (lo, opt, hi) in profile.items():
@@ -147,7 +144,7 @@ def _compile(
         try:
             config = loader(builder, network)
         except PolygraphyException as e:
-            raise CompileError(f"{label}: builder configuration failed: {e}") from e
+            raise BuildError(f"{label}: builder configuration failed: {e}") from e
         targets = _targets(config, flavor)
         log.info(
             "%s: building %s %s engine (opt level %d, targets %s)",
@@ -157,19 +154,19 @@ def _compile(
         try:
             data = EngineBytesFromNetwork((builder, network, parser), config)()
         except PolygraphyException as e:
-            raise CompileError(
+            raise BuildError(
                 f"{label}: TensorRT failed to build {onnx_path.name}: {e} (see the TensorRT messages above)"
             ) from e
         finally:
             progress.stop()
 
     plan_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(plan_path, data)
+    atomic_write(plan_path, data)
     if timing_cache is not None:  # the config's cache holds the loaded entries plus this build's
         cache = config.get_timing_cache()
         if cache is not None:
             with cache.serialize() as buffer:
-                _write_atomic(timing_cache, buffer)
+                atomic_write(timing_cache, buffer)
     seconds = time.perf_counter() - t0
     log.info("%s: wrote %s (%.1f MB) in %.1f s", label, plan_path, plan_path.stat().st_size / 1e6, seconds)
     return CompileResult(
@@ -202,13 +199,6 @@ def _targets(config: Any, flavor: Flavor) -> list[str] | None:
 
 class _ReadableBytes(io.BytesIO):
     mode = "rb"  # polygraphy checks the mode of file-like objects
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(memoryview(data))
-    os.replace(tmp, path)
 
 
 class _Progress:

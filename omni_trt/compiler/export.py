@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from .. import ort
+from ..errors import BuildError
 from ..models.base import ComponentSpec, Family, Point
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_OPSET = 20
 EXTERNAL_DATA_BYTES = 2 * 1024**3  # protobuf's limit
 
@@ -96,30 +97,18 @@ def onnx_input_dims(path: Path) -> dict[str, list[str | int]]:
     }
 
 
-class ValidationError(RuntimeError):
-    pass
-
-
 def check_dynamic_dims(spec: ComponentSpec, dims: dict[str, list[str | int]]) -> None:
     """The exporter can silently write a static input where a dynamic one was asked for."""
     for t in spec.inputs:
         got = dims.get(t.name)
         if got is None:
-            raise ValidationError(f"{spec.name}: ONNX has no input {t.name!r} (inputs: {sorted(dims)})")
+            raise BuildError(f"{spec.name}: ONNX has no input {t.name!r} (inputs: {sorted(dims)})")
         for axis in t.dynamic:
             if not isinstance(got[axis], str):
-                raise ValidationError(
+                raise BuildError(
                     f"{spec.name}: input {t.name!r} axis {axis} was exported static ({got[axis]}) "
                     f"but should be dynamic ({t.dynamic[axis]!r})"
                 )
-
-
-def ort_session(path: Path, providers: list[str] | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -140,7 +129,7 @@ def validate_onnx(
     output and point, keyed 'output@BxHxW:T'."""
     spec = family.components[component]
     module = module.to(dtype).eval()
-    session = ort_session(onnx_path)
+    session = ort.session(onnx_path, ["CPUExecutionProvider"])
     errors: dict[str, float] = {}
     for i, point in enumerate(points or sample_points(family)):
         case = spec.reference_case(module, point, dtype, torch.Generator().manual_seed(100 + i))
@@ -154,5 +143,5 @@ def validate_onnx(
 
 def _to_numpy(t: torch.Tensor):
     if t.dtype == torch.bfloat16:  # numpy has no bf16; ORT CPU cannot run bf16 MatMul anyway
-        raise ValidationError("bf16 graphs cannot be validated on ONNX Runtime CPU; validate an fp32 twin")
+        raise BuildError("bf16 graphs cannot be validated on ONNX Runtime CPU; validate an fp32 twin")
     return t.detach().cpu().numpy()

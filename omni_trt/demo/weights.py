@@ -1,5 +1,8 @@
-"""Random weights at real sizes, for real-shape pipelines (`omni demo-model --real-shapes`):
-allocated once, directly in the target dtype, so a 20B model never exists in float32 or twice."""
+"""Random weights for the demo and real-shape pipelines.
+
+Tiny pipelines: `init_small` (normal weights small enough that activations stay finite). Real
+shapes (`omni demo-model --real-shapes`): `random_model` allocates a model once, directly in the
+target dtype, so a 20B model never exists in float32 or twice."""
 
 from __future__ import annotations
 
@@ -9,20 +12,23 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 if TYPE_CHECKING:
     import torch
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MAX_SHARD = "5GB"  # save_pretrained shards: one shard is the most that is ever held twice
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def init_small(*modules: Any, std: float = 0.02) -> None:
+    """Normal(0, std) for every weight matrix and every parameter a model leaves uninitialised
+    (Z-Image's pad tokens start as torch.empty and can hold NaN); norms keep their ones."""
     import torch
 
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {name!r}")
-    return getattr(torch, DTYPES[name])
+    with torch.no_grad():
+        for module in modules:
+            for name, p in module.named_parameters():
+                if p.ndim >= 2 or "pad_token" in name:
+                    p.normal_(0.0, std)
 
 
 @contextlib.contextmanager
-def default_dtype(dtype: "torch.dtype") -> Iterator[None]:
+def dtype_scope(dtype: "torch.dtype") -> Iterator[None]:
     """Modules built inside get their parameters in `dtype` directly (no float32 copy, and no
     ModelMixin.to, which warns about keep-in-fp32 modules on every cast)."""
     import torch

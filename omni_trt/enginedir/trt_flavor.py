@@ -3,8 +3,8 @@
 Datacenter `tensorrt` and `tensorrt_rtx` share a Python API; polygraphy picks one when its
 TensorRT backend is first imported, from env POLYGRAPHY_USE_TENSORRT_RTX. Everything that differs
 lives here: module name, pip extra, how to read the version, whether engines can be built without
-a GPU, and how compute-capability targets are set (RTX only). Build and runtime import this module
-instead of `tensorrt` directly.
+a GPU, and how compute-capability targets are set (RTX only). The compiler and the runtime import
+this module instead of `tensorrt` directly.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import os
 import sys
 from dataclasses import dataclass
 from typing import Any
+
+from ..errors import TensorRTNotInstalled, UsageError
 
 ENV = "POLYGRAPHY_USE_TENSORRT_RTX"
 
@@ -52,10 +54,6 @@ FLAVORS: dict[str, Flavor] = {f.target: f for f in (TENSORRT, TENSORRT_RTX)}
 TARGETS = (*FLAVORS, "auto")
 
 
-class TensorRTNotInstalled(RuntimeError):
-    pass
-
-
 def install_hint() -> str:
     return (
         "install one: pip install 'omni-trt[tensorrt]' (datacenter GPUs, builds need a GPU) or "
@@ -69,7 +67,7 @@ def resolve(target: str, has_gpu: bool) -> Flavor:
     run on every recent GPU), else TensorRT-RTX; without a GPU only TensorRT-RTX can build."""
     if target != "auto":
         if target not in FLAVORS:
-            raise ValueError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
+            raise UsageError(f"unknown target {target!r}; choose one of: {', '.join(TARGETS)}")
         flavor = FLAVORS[target]
         if not flavor.installed():
             raise TensorRTNotInstalled(
@@ -137,10 +135,10 @@ def parse_compute_capabilities(text: str | None) -> list[str] | None:
             continue
         major, dot, minor = part.partition(".")
         if not (dot and major.isdigit() and minor.isdigit()):
-            raise ValueError(f"compute capability {part!r} is not MAJOR.MINOR (e.g. 8.6) or 'current'")
+            raise UsageError(f"compute capability {part!r} is not MAJOR.MINOR (e.g. 8.6) or 'current'")
         out.append(f"{int(major)}.{int(minor)}")
     if CURRENT in out and len(out) > 1:
-        raise ValueError("'current' cannot be combined with other compute capabilities")
+        raise UsageError("'current' cannot be combined with other compute capabilities")
     return sorted(set(out), key=lambda s: tuple(int(x) for x in s.split("."))) if CURRENT not in out else out
 
 
@@ -164,7 +162,7 @@ def resolve_compute_capabilities(flavor: Flavor, requested: list[str] | None, gp
     on and takes no targets."""
     if not flavor.rtx:
         if requested:
-            raise ValueError(
+            raise UsageError(
                 "--compute-capability applies to --target tensorrt-rtx only; "
                 "datacenter TensorRT builds for the GPU it runs on"
             )
@@ -174,13 +172,13 @@ def resolve_compute_capabilities(flavor: Flavor, requested: list[str] | None, gp
         return None
     if CURRENT in ccs:
         if not gpu_cc:
-            raise ValueError("--compute-capability current needs a GPU; name the targets instead, e.g. 8.6,8.9")
+            raise UsageError("--compute-capability current needs a GPU; name the targets instead, e.g. 8.6,8.9")
         ccs = [gpu_cc]
     supported = supported_compute_capabilities(flavor)
     bad = [c for c in ccs if c not in supported]
     if bad:
         hint = " (for this GPU use --target tensorrt)" if gpu_cc in bad and not requested else ""
-        raise ValueError(
+        raise UsageError(
             f"{flavor.module} {flavor.version()} cannot target compute capability {', '.join(bad)}{hint}; "
             f"it supports: {', '.join(supported)}"
         )

@@ -1,22 +1,15 @@
-"""`omni build-engine` and `omni inspect`: argparse subcommands registered by omni_trt.cli."""
+"""`omni build-engine`: the argparse subcommand omni_trt.cli registers."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
 from typing import Any
 
-log = logging.getLogger(__name__)
+from .plan import DEFAULT_OPSET, DEFAULT_OPT_LEVEL  # light: no torch import for `omni --help`
 
 
 def add_parsers(subparsers: Any) -> None:
-    """Register build-engine and inspect on the `omni` command's subparsers."""
-    from .pipeline import (  # light: no torch import for `omni --help`
-        DEFAULT_OPSET,
-        DEFAULT_OPT_LEVEL,
-    )
+    """Register build-engine on the `omni` command's subparsers."""
 
     p = subparsers.add_parser(
         "build-engine",
@@ -80,84 +73,35 @@ def add_parsers(subparsers: Any) -> None:
     )
     p.set_defaults(func=cmd_build_engine)
 
-    p = subparsers.add_parser(
-        "inspect",
-        help="show what an engine dir holds and verify its files",
-        description="Print an engine dir's manifest readably and check every file's sha256; exits 1 on a mismatch.",
-    )
-    p.add_argument("engine_dir", metavar="DIR", help="engine dir written by build-engine")
-    p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
-    p.add_argument("--no-verify", action="store_true", help="skip hashing the files (fast for large engines)")
-    p.set_defaults(func=cmd_inspect)
-
 
 def cmd_build_engine(args: argparse.Namespace) -> int:
-    from ..models import ModelNotFound, UnsupportedModel
-    from .compile import CompileError
-    from .export import ValidationError
-    from .pipeline import BuildError, build_engines
-    from .trt_flavor import TensorRTNotInstalled
+    from ..errors import UsageError
+    from .execute import build_engines
 
-    _ensure_logging()
-    try:
-        text_len = [int(x) for x in args.text_len.split(",")] if args.text_len else None
-        if text_len is not None and len(text_len) != 3:
-            raise ValueError(f"--text-len takes MIN,OPT,MAX, got {args.text_len!r}")
-        report = build_engines(
-            args.model,
-            engine_dir=args.engine_dir,
-            components=args.components,
-            dtype=args.dtype,
-            opset=args.opset,
-            min_size=args.min_size,
-            opt_size=args.opt_size,
-            max_size=args.max_size,
-            max_batch=args.max_batch,
-            text_len=text_len,
-            static=args.static,
-            target=args.target,
-            compute_capability=args.compute_capability,
-            onnx_only=args.onnx_only,
-            force=args.force,
-            opt_level=args.opt_level,
-            validate=not args.no_validate,
-        )
-    except (ModelNotFound, UnsupportedModel, TensorRTNotInstalled) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # bad sizes, dtypes, components, compute capabilities
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (BuildError, ValidationError, CompileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    text_len = None
+    if args.text_len:
+        try:
+            text_len = [int(x) for x in args.text_len.split(",")]
+        except ValueError:
+            raise UsageError(f"--text-len takes MIN,OPT,MAX integers, got {args.text_len!r}", "--text-len") from None
+    report = build_engines(
+        args.model,
+        engine_dir=args.engine_dir,
+        components=args.components,
+        dtype=args.dtype,
+        opset=args.opset,
+        min_size=args.min_size,
+        opt_size=args.opt_size,
+        max_size=args.max_size,
+        max_batch=args.max_batch,
+        text_len=text_len,
+        static=args.static,
+        target=args.target,
+        compute_capability=args.compute_capability,
+        onnx_only=args.onnx_only,
+        force=args.force,
+        opt_level=args.opt_level,
+        validate=not args.no_validate,
+    )
     print(report.engine_dir)
     return 0
-
-
-def cmd_inspect(args: argparse.Namespace) -> int:
-    from . import manifest as mf
-
-    try:
-        m = mf.read(args.engine_dir)
-    except mf.ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(m, indent=2) if args.json else mf.format_manifest(m))
-    if args.no_verify:
-        return 0
-    problems = mf.verify(args.engine_dir, m)
-    if problems:
-        print(f"\n{len(problems)} problem(s) in {args.engine_dir}:", file=sys.stderr)
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-        print(f"rebuild with: {mf.rebuild_command(m, args.engine_dir)} --force", file=sys.stderr)
-        return 1
-    print(f"\nall {len(m.get('files', {}))} files match their sha256", file=sys.stderr)
-    return 0
-
-
-def _ensure_logging() -> None:
-    """`omni` configures logging; a direct call (tests, python -c) still shows progress."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,77 @@
+"""The HTTP routes: thin translations between HTTP and the serving object (server/serving.py).
+Each declares its response model and its error responses, so /openapi.json documents both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from ..errors import OmniError
+from .protocol import (
+    ChatBody,
+    ChatCompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    ImageGenerationBody,
+    ImagesResponse,
+    ModelList,
+)
+from .serving import ImageServing
+
+
+def serving(request: Request) -> ImageServing:
+    return request.app.state.omni
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    what = {
+        400: "A request the model cannot run (size, model name, prompt)",
+        401: "Missing or wrong API key",
+        422: "A malformed body or a field of the wrong type or out of range",
+        429: "The queue is full; retry after Retry-After seconds",
+        500: "A server fault (details in the server log)",
+        503: "The model is not loaded yet",
+    }
+    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
+
+
+GENERATE_ERRORS = _errors(400, 401, 422, 429, 500, 503)
+
+router = APIRouter()
+v1 = APIRouter(prefix="/v1")
+
+
+@router.get("/health", response_model=HealthResponse, responses=_errors(503))
+async def health(s: ImageServing = Depends(serving)) -> Any:
+    info = s.runtime_info()
+    if info is None:
+        raise OmniError(s.not_ready_message(), status=503)
+    return HealthResponse(model=s.options.served_model_name, **info.model_dump())
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+async def metrics(s: ImageServing = Depends(serving)) -> Response:
+    if s.scheduler:
+        s.metrics.queue_depth.set(s.scheduler.depth())
+    return Response(s.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@v1.get("/models", response_model=ModelList, response_model_exclude_unset=True, responses=_errors(401))
+async def models(s: ImageServing = Depends(serving)) -> Any:
+    return s.models()
+
+
+@v1.post("/images/generations", response_model=ImagesResponse, responses=GENERATE_ERRORS)
+async def images(body: ImageGenerationBody, request: Request, response: Response, s: ImageServing = Depends(serving)) -> Any:
+    out, request_id = await s.create_images(request, body)
+    response.headers["X-Request-Id"] = request_id
+    return out
+
+
+@v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATE_ERRORS)
+async def chat(body: ChatBody, request: Request, response: Response, s: ImageServing = Depends(serving)) -> Any:
+    out, request_id = await s.create_chat(request, body)
+    response.headers["X-Request-Id"] = request_id
+    return out
+
