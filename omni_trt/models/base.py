@@ -130,6 +130,28 @@ FIELD_TRUE_CFG = "true_cfg_scale"
 
 
 @dataclass(frozen=True)
+class PromptRules:
+    """How a family's pipeline reads a prompt, so a server can refuse what it cannot read before
+    queueing it (the pipelines truncate silently, and a tiny config can be shorter still).
+
+    count(pipe, text): tokens the text encoder that bounds the prompt sees for `text`, counted
+        the way the pipeline builds its input (chat template, prefix it drops, special tokens).
+    max_tokens(pipe): the most the pipeline reads (its max_sequence_length default, or less
+        where the loaded model's own config cannot take that many).
+    tokenizer: the pipeline attribute holding that encoder's tokenizer.
+    """
+
+    tokenizer: str
+    count: Callable[[Any, Any, str], int]  # (pipe, tokenizer, text); tokenizer: a private copy
+    max_tokens: Callable[[Any], int]
+
+
+def plain_count(pipe: Any, tokenizer: Any, text: str) -> int:
+    """Tokens of `text` as the tokenizer encodes it alone, special tokens included (T5's EOS)."""
+    return len(tokenizer(text, truncation=False)["input_ids"])
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything about one model family, declared once.
 
@@ -140,6 +162,7 @@ class Family:
     cfg_batch_above: the pipeline doubles the transformer batch for CFG when guidance_scale is
         above this (Z-Image: 0, SD3: 1); None where CFG is a second call (Qwen-Image, Flux).
     components: ComponentSpec per name in COMPONENTS.
+    prompt: how the pipeline reads a prompt (PromptRules).
     sample_points: two distinct points (every dynamic dim > 1 and different) used for export
         and validation; None lets export derive them from the size rules.
     """
@@ -152,6 +175,7 @@ class Family:
     text_len: tuple[int, int, int]
     cfg_batch_above: float | None
     components: Mapping[str, ComponentSpec]
+    prompt: PromptRules
     sample_points: tuple[Point, Point] | None = None
 
     def transformer_batch(self, images: int, guidance_scale: float | None) -> int:

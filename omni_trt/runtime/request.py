@@ -18,6 +18,37 @@ MAX_IMAGES = 10
 MAX_STEPS = 200
 MAX_SCALE = 20.0
 SEED_LIMIT = 2**63
+CHARS_PER_TOKEN = 32  # a prompt longer than this per allowed token cannot fit: refused untokenized
+
+
+@dataclass(frozen=True)
+class RequestCaps:
+    """What one request may cost, set by the operator (serve's --max-* flags).
+
+    max_prompt_tokens: prompt tokens the model reads (None: all the model can read); prompts
+    over CHARS_PER_TOKEN characters per allowed token are refused without tokenizing.
+    max_megapixel_steps: width x height x images x steps / 1e6, the work a request asks for."""
+
+    max_prompt_tokens: int | None = None
+    max_megapixel_steps: float | None = None
+
+
+def megapixel_steps(width: int, height: int, n: int, steps: int) -> float:
+    return width * height * n * steps / 1e6
+
+
+def check_text(name: str, value: Any, max_chars: int | None = None) -> str:
+    """A text field: a string of valid Unicode (no lone surrogates, which no tokenizer or log
+    can take) and, given max_chars, no longer than that."""
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be a string", name, status=422)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{name} is not valid Unicode text (an unpaired surrogate at character {e.start}); send UTF-8 text", name, status=422) from None
+    if max_chars is not None and len(value) > max_chars:
+        raise RequestError(f"{name} is {len(value)} characters, more than this server reads ({max_chars})", name)
+    return value
 
 
 @dataclass(frozen=True)
@@ -71,13 +102,15 @@ def resolve(
     output_format: str = "png",
     output_compression: int | None = None,
     limits: SizeLimits | None = None,
+    caps: RequestCaps | None = None,
     request_id: str = "",
 ) -> GenerationRequest:
     """Fill the family's defaults and validate. `size` wins over width/height. Fields that do
     not apply to the family (e.g. true_cfg_scale for Z-Image) are dropped, not errors: generic
-    clients send them to every model."""
-    if not isinstance(prompt, str):
-        raise RequestError("prompt must be a string", "prompt", status=422)
+    clients send them to every model. Token counts need the tokenizer: the caller checks them."""
+    caps = caps or RequestCaps()
+    max_chars = caps.max_prompt_tokens * CHARS_PER_TOKEN if caps.max_prompt_tokens else None
+    prompt = check_text("prompt", prompt, max_chars)
     if not prompt.strip():
         raise RequestError("prompt must not be empty", "prompt")
     defaults = family.defaults
@@ -96,8 +129,8 @@ def resolve(
         guidance_scale = _number("guidance_scale", guidance_scale, 0.0, MAX_SCALE, integer=False)
     if true_cfg_scale is not None:
         true_cfg_scale = _number("true_cfg_scale", true_cfg_scale, 0.0, MAX_SCALE, integer=False)
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        raise RequestError("negative_prompt must be a string", "negative_prompt", status=422)
+    if negative_prompt is not None:
+        negative_prompt = check_text("negative_prompt", negative_prompt, max_chars)
     if seed is None:
         seed = random.randrange(2**31)
     else:
@@ -106,6 +139,13 @@ def resolve(
         raise RequestError(f"output_format must be one of png, jpeg, webp, got {output_format!r}", "output_format", status=422)
     if output_compression is not None:
         output_compression = _number("output_compression", output_compression, 0, 100, integer=True)
+    if caps.max_megapixel_steps is not None:
+        cost = megapixel_steps(width, height, n, steps)
+        if cost > caps.max_megapixel_steps:
+            raise RequestError(
+                f"this request asks for {n} image(s) of {width}x{height} at {steps} steps = {cost:.0f} megapixel-steps, more "
+                f"than this server's cap of {caps.max_megapixel_steps:g}; ask for fewer images (n), fewer steps "
+                "(num_inference_steps) or a smaller size", "n")
     fields = family.fields
     return GenerationRequest(
         prompt=prompt,

@@ -7,7 +7,9 @@ from ..base import (
     FIELD_TRUE_CFG,
     Defaults,
     Family,
+    PromptRules,
     SizeRules,
+    plain_count,
 )
 from .transformer import transformer_spec
 
@@ -22,4 +24,6 @@ FAMILY = Family(
     text_len=(512, 512, 512),
     cfg_batch_above=None,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
+    # T5 reads the prompt (512 tokens); CLIP's 77 are truncated by the pipeline, as always for FLUX.1.
+    prompt=PromptRules("tokenizer_2", plain_count, lambda pipe: 512),
 )

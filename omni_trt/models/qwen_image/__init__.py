@@ -1,8 +1,16 @@
 """Qwen-Image (Qwen/Qwen-Image): QwenImagePipeline."""
 
-from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, SizeRules
+from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, PromptRules, SizeRules
 from .transformer import transformer_spec
 from .vae import vae_decoder_spec
+
+MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's max_sequence_length default
+
+
+def _count(pipe, tokenizer, text: str) -> int:
+    """The pipeline formats the prompt into its template and drops the template's prefix tokens."""
+    ids = tokenizer(pipe.prompt_template_encode.format(text), truncation=False)["input_ids"]
+    return len(ids) - pipe.prompt_template_encode_start_idx
 
 FAMILY = Family(
     name="qwen-image",
@@ -16,4 +24,5 @@ FAMILY = Family(
     # Specs carry the released model's static feature dims; transformer_spec(config) /
     # vae_decoder_spec(config) give them for another config (the tiny test model).
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec()},
+    prompt=PromptRules("tokenizer", _count, lambda pipe: MAX_SEQUENCE_LENGTH),
 )

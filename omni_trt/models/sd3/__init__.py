@@ -1,7 +1,7 @@
 """Stable Diffusion 3 / 3.5: StableDiffusion3Pipeline."""
 
 from ..autoencoder_kl import vae_decoder_spec
-from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, SizeRules
+from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Family, PromptRules, SizeRules, plain_count
 from .transformer import transformer_spec
 
 FAMILY = Family(
@@ -15,4 +15,6 @@ FAMILY = Family(
     text_len=(333, 333, 333),
     cfg_batch_above=1.0,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
+    # T5 reads the prompt (the pipeline's max_sequence_length, 256); the CLIPs' 77 are truncated.
+    prompt=PromptRules("tokenizer_3", plain_count, lambda pipe: 256),
 )

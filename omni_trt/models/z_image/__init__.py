@@ -7,9 +7,26 @@ from ..base import (
     Defaults,
     Family,
     Point,
+    PromptRules,
     SizeRules,
 )
-from .transformer import transformer_spec
+from .transformer import SEQ_MULTI_OF, transformer_spec
+
+MAX_SEQUENCE_LENGTH = 512  # ZImagePipeline's max_sequence_length default
+
+
+def _count(pipe, tokenizer, text: str) -> int:
+    """The pipeline wraps the prompt in the tokenizer's chat template (thinking enabled)."""
+    templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                              add_generation_prompt=True, enable_thinking=True)
+    return len(tokenizer(templated, truncation=False)["input_ids"])
+
+
+def _max_tokens(pipe) -> int:
+    """Captions are padded to a multiple of 32 and image RoPE positions start after them on axis
+    0, so the transformer's axes_lens[0] bounds the caption too (a tiny config's 512 takes 480)."""
+    axis0 = int(pipe.transformer.config["axes_lens"][0])
+    return min(MAX_SEQUENCE_LENGTH, (axis0 - 2) // SEQ_MULTI_OF * SEQ_MULTI_OF)
 
 FAMILY = Family(
     name="z-image",
@@ -23,6 +40,7 @@ FAMILY = Family(
     text_len=(32, 128, 512),
     cfg_batch_above=0.0,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
+    prompt=PromptRules("tokenizer", _count, _max_tokens),
     # Image tokens and captions are both padded to multiples of 32, so the derived points (text_len
     # 32, <= 32 image tokens) would make the two dims equal and torch.export would merge them.
     # Here: batch 2, 32 image tokens, 96 caption tokens; then batch 3, 64 image tokens (35 real),
