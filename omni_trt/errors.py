@@ -67,3 +67,10 @@ class ManifestError(EngineDirError):
 
 class BuildError(OmniError):
     """An export, validation or engine build that failed: nothing half-built is kept."""
+
+
+class Cancelled(OmniError):
+    """Work stopped before its end: the client left (499), its deadline passed (504), or the
+    server is shutting down (503). Raised from a pipeline's step callback to stop at once."""
+
+    status = 503

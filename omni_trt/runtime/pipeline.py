@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -12,6 +13,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..dtypes import check_dtype, default_dtype, torch_dtype
+from ..errors import Cancelled
 from ..models import Family, SizeLimits, detect_family
 from .request import GenerationRequest, pipeline_kwargs
 
@@ -105,6 +107,10 @@ class PipelineRuntime:
     swap: EngineSwap | None = None  # the engines swapped in; None: plain torch
     _timer: list = field(default_factory=lambda: [None], init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # A private copy of the prompt tokenizer: HF tokenizers change their truncation and padding
+    # state on every call, so counting on the pipeline's own one beside the worker would race.
+    _counter: Any = field(default=None, init=False, repr=False)
+    _count_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Instance attributes shadow the methods the pipeline calls on itself and its modules.
@@ -112,6 +118,22 @@ class PipelineRuntime:
         pipe.encode_prompt = _timed(pipe.encode_prompt, self._timer, "text_encode")
         pipe.vae.decode = _timed(pipe.vae.decode, self._timer, "vae_decode")
         pipe.transformer.forward = _timed(pipe.transformer.forward, self._timer, "denoise")
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """The most prompt tokens this pipeline reads (and its built engines take)."""
+        most = self.family.prompt.max_tokens(self.pipe)
+        built = self.swap.call_kwargs.get("max_sequence_length") if self.swap else None
+        return min(most, built) if built else most
+
+    def prompt_tokens(self, text: str) -> int:
+        """Tokens the pipeline's text encoder would see for `text`; safe beside generate()."""
+        with self._count_lock:
+            if self._counter is None:
+                counter = copy.deepcopy(getattr(self.pipe, self.family.prompt.tokenizer))
+                counter.model_max_length = 1 << 62  # it counts; the "longer than max" warning is for models
+                object.__setattr__(self, "_counter", counter)
+            return self.family.prompt.count(self.pipe, self._counter, text)
 
     @property
     def kind(self) -> str:
@@ -147,17 +169,21 @@ class PipelineRuntime:
         """Images per call at the family's default guidance."""
         return self.max_images(self.family.defaults.guidance_scale, cap)
 
-    def generate(self, requests: list[GenerationRequest], max_images: int | None = None) -> BatchResult:
+    def generate(self, requests: list[GenerationRequest], max_images: int | None = None,
+                 should_stop: Callable[[], Cancelled | None] | None = None) -> BatchResult:
         """One batch of compatible requests, in pipeline calls of at most `max_images` images
-        (and what the engines take)."""
+        (and what the engines take). should_stop() is asked after every denoising step and
+        between calls; the Cancelled it returns is raised there, so abandoned work stops within
+        one step (diffusers' own `interrupt` would still run the remaining loop and the decode)."""
         chunks = self._chunks(requests, max_images)
         images: list[list[Any]] = [[] for _ in requests]
         stages: dict[str, float] = {}
         calls: list[int] = []
         with self._lock:
             for chunk in chunks:
+                _stop_if(should_stop)
                 calls.append(sum(r.n for _, r in chunk))
-                out, seconds = self._call([r for _, r in chunk])
+                out, seconds = self._call([r for _, r in chunk], should_stop)
                 it = iter(out)
                 for index, r in chunk:
                     images[index].extend(next(it) for _ in range(r.n))
@@ -186,18 +212,31 @@ class PipelineRuntime:
                 offset += take
         return chunks
 
-    def _call(self, requests: list[GenerationRequest]) -> tuple[list[Any], dict[str, float]]:
+    def _call(self, requests: list[GenerationRequest], should_stop: Callable[[], Cancelled | None] | None = None) -> tuple[list[Any], dict[str, float]]:
         timer = StageTimer(self.device)
         self._timer[0] = timer
         t0 = time.perf_counter()
+        extra = dict(self.swap.call_kwargs) if self.swap else {}
+        if should_stop is not None:
+            def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                _stop_if(should_stop)
+                return tensors
+
+            extra["callback_on_step_end"] = on_step
         try:
             with torch.inference_mode():
-                out = self.pipe(**pipeline_kwargs(requests), **(self.swap.call_kwargs if self.swap else {}))
+                out = self.pipe(**pipeline_kwargs(requests), **extra)
         finally:
             self._timer[0] = None
         seconds = dict(timer.seconds)
         seconds["total"] = time.perf_counter() - t0
         return list(out.images), seconds
+
+
+def _stop_if(should_stop: Callable[[], Cancelled | None] | None) -> None:
+    reason = should_stop() if should_stop is not None else None
+    if reason is not None:
+        raise reason
 
 
 def _replace(r: GenerationRequest, **changes: Any) -> GenerationRequest:

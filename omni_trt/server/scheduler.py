@@ -2,6 +2,12 @@
 
 One worker because one GPU: the pipeline is not re-entrant, and batching compatible requests
 into one call is where the throughput comes from, not concurrency.
+
+A job's future always gets an Outcome (never an exception set on it), so a job nobody waits for
+any more leaves no "exception was never retrieved" behind. A batch that fails is run again job by
+job, so only the request at fault gets the error. A job can be cancelled at any time: still
+queued, it is dropped; running, the pipeline stops at its next step once every job of the batch is
+cancelled, and otherwise its images are dropped when the batch ends.
 """
 
 from __future__ import annotations
@@ -14,35 +20,21 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import OmniError
+from ..errors import Cancelled, OmniError
 from ..runtime.pipeline import BatchResult
 from ..runtime.request import GenerationRequest
 
 log = logging.getLogger(__name__)
+
+RunBatch = Callable[[list[GenerationRequest], Callable[[], Cancelled | None]], BatchResult]
 
 
 class QueueFull(OmniError):
     status = 429
 
 
-@dataclass
-class Job:
-    request: GenerationRequest
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-
-    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
-        def settle() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-
-        self.loop.call_soon_threadsafe(settle)
+class ShuttingDown(OmniError):
+    status = 503
 
 
 @dataclass
@@ -53,13 +45,40 @@ class JobResult:
     batch_images: int
 
 
+@dataclass
+class Outcome:
+    """What a job's future resolves to: a result, or the error for this job alone."""
+
+    result: JobResult | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: Cancelled | None = None  # why it was abandoned, once it is
+
+    def settle(self, outcome: Outcome) -> None:
+        def settle() -> None:
+            if not self.future.done():
+                self.future.set_result(outcome)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed: nobody is waiting
+            pass
+
+
 class Scheduler:
     """submit() from the event loop; the worker thread runs `run_batch` on groups of jobs with
     the same batch key, up to `max_batch_images` images per call."""
 
     def __init__(
         self,
-        run_batch: Callable[[list[GenerationRequest]], BatchResult],
+        run_batch: RunBatch,
         max_queue: int = 64,
         max_batch_images: int = 4,
         on_batch: Callable[[list[Job], BatchResult | None, float], None] | None = None,
@@ -71,47 +90,70 @@ class Scheduler:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopped = False
-        self.in_flight = 0  # requests in the batch the worker is running now
+        self._closed: str | None = None  # why submit() refuses (draining), None while open
+        self._running: list[Job] = []
         self._thread = threading.Thread(target=self._worker, name="omni-worker", daemon=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in the batch the worker is running now."""
+        return len(self._running)
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True
-            pending = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        for job in pending:
-            job.resolve(error=RuntimeError("server is shutting down"))
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
-
     def depth(self) -> int:
         with self._cond:
-            return sum(not j.cancelled for j in self._queue)
+            return len(self._queue)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not self._running
 
     def submit(self, request: GenerationRequest) -> Job:
         loop = asyncio.get_running_loop()
         job = Job(request, loop, loop.create_future())
         with self._cond:
-            if self._stopped:
-                raise RuntimeError("server is shutting down")
-            if sum(not j.cancelled for j in self._queue) >= self.max_queue:
+            if self._closed or self._stopped:
+                raise ShuttingDown(self._closed or "server is shutting down", headers={"Retry-After": "5"})
+            if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"queue is full ({self.max_queue} requests waiting); retry later")
             self._queue.append(job)
             self._cond.notify()
         return job
 
-    def cancel(self, job: Job) -> bool:
-        """Drop a job that has not started; True if it was still queued."""
+    def cancel(self, job: Job, reason: Cancelled) -> bool:
+        """Abandon a job: dropped if still queued (True), else stopped or dropped where it runs."""
         with self._cond:
+            job.cancelled = job.cancelled or reason
             if job in self._queue:
-                job.cancelled = True
                 self._queue.remove(job)
+                job.settle(Outcome(error=reason))
                 return True
         return False
+
+    def close(self, reason: str) -> None:
+        """Take no new jobs (draining); queued and running ones go on."""
+        with self._cond:
+            self._closed = reason
+
+    def refuse_backlog(self, reason: Cancelled) -> int:
+        """Answer every queued job with `reason` and cancel the running ones; how many."""
+        with self._cond:
+            jobs = list(self._queue) + list(self._running)
+            self._queue.clear()
+        for job in jobs:
+            self.cancel(job, reason)
+            job.settle(Outcome(error=reason))
+        return len(jobs)
+
+    def stop(self, timeout: float = 30) -> None:
+        self.refuse_backlog(Cancelled("server is shutting down", status=503))
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout)
 
     def _take_batch(self) -> list[Job]:
         """First waiting job, plus later jobs with its key while the images fit."""
@@ -135,21 +177,47 @@ class Scheduler:
                 if self._stopped:
                     return
                 batch = self._take_batch()
-                self.in_flight = len(batch)
+                self._running = batch
             started = time.perf_counter()
             try:
-                result = self.run_batch([j.request for j in batch])
-            except Exception as e:  # a fault in one batch must not stop the worker
-                self.in_flight = 0
-                log.exception("batch of %d request(s) failed", len(batch))
-                for job in batch:
-                    job.resolve(error=e)
-                if self.on_batch:
-                    self.on_batch(batch, None, started)
-                continue
-            self.in_flight = 0
-            n_images = sum(j.request.n for j in batch)
-            for job, images in zip(batch, result.images):
-                job.resolve(JobResult(images, result.stages, started - job.enqueued, n_images))
+                self._run(batch, started)
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _run(self, batch: list[Job], started: float) -> None:
+        def should_stop() -> Cancelled | None:
+            # Stop only when nobody in the batch is waiting any more.
+            reasons = [j.cancelled for j in batch]
+            return reasons[0] if all(reasons) else None
+
+        try:
+            result = self.run_batch([j.request for j in batch], should_stop)
+        except Cancelled as e:
+            log.info("batch of %d request(s) stopped: %s", len(batch), e)
+            for job in batch:
+                job.settle(Outcome(error=job.cancelled or e))
             if self.on_batch:
-                self.on_batch(batch, result, started)
+                self.on_batch(batch, None, started)
+            return
+        except Exception as e:  # noqa: BLE001 - a fault in one batch must not stop the worker
+            if len(batch) > 1:
+                # One request's input may be what failed: run each alone, so only it fails.
+                log.warning("batch of %d request(s) failed (%s: %s); running them one by one", len(batch), type(e).__name__, e)
+                for job in batch:
+                    self._run([job], time.perf_counter())
+                return
+            job = batch[0]
+            log.error("request %s failed", job.request.request_id, exc_info=e)
+            job.settle(Outcome(error=e))
+            if self.on_batch:
+                self.on_batch(batch, None, started)
+            return
+        n_images = sum(j.request.n for j in batch)
+        for job, images in zip(batch, result.images):
+            if job.cancelled:
+                job.settle(Outcome(error=job.cancelled))  # its images are dropped
+            else:
+                job.settle(Outcome(JobResult(images, result.stages, started - job.enqueued, n_images)))
+        if self.on_batch:
+            self.on_batch(batch, result, started)
