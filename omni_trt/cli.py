@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from . import logs
 from .demo import DEMO_FAMILY
-from .errors import OmniError
+from .errors import OmniError, UsageError
 from .models import FAMILIES
 
 log = logging.getLogger("omni_trt")
@@ -26,6 +26,39 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+API_KEY_ENV = "OMNI_TRT_API_KEY"
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $OMNI_TRT_API_KEY (a key given on
+    the command line is visible to every user of the machine in `ps`)."""
+    import os
+
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+            key = lines[0].strip() if lines else ""
+        except OSError as e:
+            raise UsageError(f"--api-key-file {args.api_key_file}: {e.strerror}", "--api-key-file") from None
+        if not key:
+            raise UsageError(f"--api-key-file {args.api_key_file} is empty", "--api-key-file")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -73,18 +106,21 @@ def _engine_dir_model(engine_dir: str | None) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from .server.app import ServerOptions, create_app
+    from .server.run import NetOptions, make_server
 
     if args.model is not None:
         from .models import detect_family
 
         detect_family(args.model)  # fail before listening: a wrong path is not a 503
     name = args.served_model_name or args.model or _engine_dir_model(args.engine_dir) or f"omni-trt/demo-{DEMO_FAMILY}"
-    options = ServerOptions(served_model_name=name, max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=args.api_key)
+    options = ServerOptions(
+        served_model_name=name, max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=api_key(args),
+        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout, max_prompt_tokens=args.max_prompt_tokens,
+        max_megapixel_steps=args.max_megapixel_steps, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+    )
     app = create_app(options, _loader(args))
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10))
+    server = make_server(app, NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower()))
     state = app.state.omni
     state.on_load_error = lambda e: setattr(server, "should_exit", True)
     log.info("serving %s on http://%s:%d (loading the model in the background; /health says when ready)", name, args.host, args.port)
@@ -145,6 +181,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omni", description="TensorRT-accelerated serving of diffusers text-to-image pipelines.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    parser.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object per line (default: text)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="serve an OpenAI-compatible image API", description=(
@@ -156,7 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model id)")
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests that may wait; more get 429 (default: 64)")
     p.add_argument("--max-batch-size", type=positive_int, default=4, help="most images per pipeline call: compatible requests are batched up to it, larger requests run in chunks of it (default: 4)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    g = p.add_argument_group("access")
+    g.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (checked before the body is read). "
+                   f"Visible in `ps`: prefer --api-key-file or ${API_KEY_ENV}")
+    g.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file's first line")
+    g = p.add_argument_group("limits", "what one request may cost; every refusal is a 4xx naming the field")
+    g.add_argument("--max-body-mb", type=positive_float, default=32, help="largest request body in MB; larger ones get 413 before they are read (default: 32)")
+    g.add_argument("--body-timeout", type=positive_float, default=30, metavar="S", help="a request body that stalls this long gets 408 (default: 30)")
+    g.add_argument("--max-prompt-tokens", type=positive_int, default=None, help="longest prompt in the model's tokens; longer gets 400 "
+                   "(default: all the model reads, e.g. 512 for Z-Image). Prompts over 32 characters per allowed token are refused untokenized")
+    g.add_argument("--max-megapixel-steps", type=positive_float, default=256, metavar="MPS", help="most width x height x n x steps / 1e6 "
+                   "per request, e.g. 4 images of 1024x1024 at 50 steps = 210 (default: 256)")
+    g.add_argument("--request-timeout", type=positive_float, default=300, metavar="S", help="seconds from arrival to answer; past it the "
+                   "request gets 504 and its work stops at the next step (default: 300)")
+    g = p.add_argument_group("connections and shutdown")
+    g.add_argument("--max-connections", type=positive_int, default=1000, help="open connections and requests uvicorn takes; more get "
+                   "503 (default: 1000)")
+    g.add_argument("--keep-alive", type=positive_float, default=5, metavar="S", help="idle keep-alive connections close after S seconds (default: 5)")
+    g.add_argument("--drain-timeout", type=positive_float, default=30, metavar="S", help="on SIGINT/SIGTERM: new requests get 503 and the "
+                   "backlog may finish for S seconds; what is left then gets 503 (default: 30). A second signal skips the wait")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="make one image without a server", description="Generate images with the same defaults and validation as the API.")
@@ -203,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.setup(args.log_level)
+    logs.setup(args.log_level, args.log_format)
     try:
         return int(args.func(args) or 0)
     except OmniError as e:  # the one place an error becomes an exit code

@@ -1,37 +1,31 @@
-"""The FastAPI app: the serving object, the routes, the API key, and the one mapping from
-errors to HTTP responses (every error body carries both shapes: FastAPI's `detail` and
-OpenAI's `error`)."""
+"""The FastAPI app: the serving object, the routes, the guard (API key, body limits, drain), and
+the one mapping from errors to HTTP responses (every error body carries both shapes: FastAPI's
+`detail` and OpenAI's `error`; a server fault shows only "internal error" and an id)."""
 
 from __future__ import annotations
 
 import logging
+import math
+import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import OmniError
 from ..runtime.pipeline import PipelineRuntime
+from .guard import Guard
 from .metrics import RequestCounter
+from .protocol import error_body
 from .routes import router, v1
-from .serving import ImageServing, ServerOptions
+from .serving import ImageServing, ServerOptions, internal_error
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
-
 __all__ = ["ServerOptions", "create_app", "error_body"]
-
-
-def error_body(status: int, detail: Any, message: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """Both shapes at once: FastAPI clients read `detail`, OpenAI clients read `error`."""
-    message = message if message is not None else (detail if isinstance(detail, str) else str(detail))
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"detail": detail, "error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -46,12 +40,16 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 def _jsonable_errors(errors: Any) -> list[dict[str, Any]]:
-    """Pydantic errors can carry exceptions and bytes in ctx/input; keep what JSON can hold."""
+    """Pydantic errors can carry exceptions, bytes, NaN and megabytes in ctx/input: keep what
+    strict JSON can hold, and not too much of it."""
     out = []
     for e in errors:
         item = {k: v for k, v in e.items() if k in ("type", "loc", "msg")}
-        if "input" in e and isinstance(e["input"], (str, int, float, bool, type(None))):
-            item["input"] = e["input"]
+        value = e.get("input")
+        if isinstance(value, str):
+            item["input"] = value if len(value) <= 100 else value[:100] + "..."
+        elif isinstance(value, (bool, int, type(None))) or (isinstance(value, float) and math.isfinite(value)):
+            item["input"] = value
         out.append(item)
     return out
 
@@ -67,14 +65,6 @@ def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> F
 
     app = FastAPI(title="omni-trt", version="0.1.0", lifespan=lifespan)
     app.state.omni = serving
-
-    async def require_key(request: Request) -> None:
-        key = options.api_key
-        if key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or token.strip() != key:
-            raise OmniError("missing or invalid API key: send 'Authorization: Bearer <key>'", status=401, headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(OmniError)
     async def _omni_error(_: Request, e: OmniError) -> Response:
@@ -94,10 +84,15 @@ def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> F
 
     @app.exception_handler(Exception)
     async def _fault(_: Request, e: Exception) -> JSONResponse:
-        log.exception("server fault")
-        return JSONResponse(error_body(500, f"internal server error: {type(e).__name__}: {e}"), status_code=500)
+        error_id = uuid.uuid4().hex
+        log.error("server fault %s", error_id, exc_info=e)
+        err = internal_error(error_id)
+        return JSONResponse(error_body(err.status, err.message), status_code=err.status)
 
     app.include_router(router)
-    app.include_router(v1, dependencies=[Depends(require_key)])
+    app.include_router(v1)
+    # Outermost last: the counter sees the guard's answers too.
+    app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body_bytes, body_timeout=options.body_timeout_s,
+                       draining=lambda: serving.draining)
     app.add_middleware(RequestCounter, metrics=serving.metrics)
     return app

@@ -23,6 +23,8 @@ class Metrics:
         self.batch_images = Histogram("omni_batch_images", "Images per pipeline call", buckets=(1, 2, 4, 8, 16, 32), registry=r)
         self.images = Counter("omni_images_generated", "Images generated", registry=r)
         self.dropped = Counter("omni_requests_dropped", "Queued requests dropped because the client left", registry=r)
+        self.cancelled = Counter("omni_requests_cancelled", "Requests abandoned before their answer, by reason (disconnect, "
+                                 "deadline) and where they were (queued, running)", ["reason", "where"], registry=r)
 
     def observe_request(self, path: str, status: int) -> None:
         self.requests.labels(route=path if path in KNOWN_ROUTES else "other", status=str(status)).inc()

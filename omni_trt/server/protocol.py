@@ -13,8 +13,15 @@ from ..runtime.request import MAX_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT
 # ---- requests ----
 
 
+# Strict: `n: "2"`, `n: true` and `guidance_scale: "3.5"` are type errors, not coerced; NaN and
+# infinities (which JSON parsers let through as 1e999 or NaN) are refused.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+
+
 class ImageParams(BaseModel):
     """The vllm-omni extension fields, shared by both endpoints."""
+
+    model_config = STRICT
 
     negative_prompt: StrictStr | None = Field(None, description="What the image should not show (families with CFG; ignored elsewhere).")
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Denoising steps (default: the model family's).")
@@ -28,20 +35,20 @@ class ImageParams(BaseModel):
 class ImageGenerationBody(ImageParams):
     """POST /v1/images/generations (OpenAI's fields plus the vllm-omni extensions)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(STRICT, extra="ignore")
 
     prompt: StrictStr = Field(description="Text prompt.")
-    model: str | None = Field(None, description="Must be the served model name when given.")
+    model: StrictStr | None = Field(None, description="Must be the served model name when given.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
     size: StrictStr | None = Field(None, description="'WxH' in pixels, e.g. '1024x1024' (default: the family's).")
     response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json: images come back inline.")
-    user: str | None = Field(None, description="An end-user id, logged.")
+    user: StrictStr | None = Field(None, description="An end-user id, logged (escaped).")
 
 
 class ChatImageParams(ImageParams):
     """Parameters of a chat request, read from `extra_body` and the top level."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(STRICT, extra="ignore")
 
     height: int | None = Field(None, gt=0, description="Image height in pixels (size wins when both are given).")
     width: int | None = Field(None, gt=0, description="Image width in pixels.")
@@ -50,7 +57,7 @@ class ChatImageParams(ImageParams):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(STRICT, extra="allow")
 
     role: str = Field(description="user, system or assistant; the prompt is the user messages' text.")
     content: str | list[dict[str, Any]] | None = Field(None, description="A string, or a list of parts ({'type': 'text', 'text': ...}).")
@@ -59,10 +66,10 @@ class ChatMessage(BaseModel):
 class ChatBody(BaseModel):
     """POST /v1/chat/completions with image output (vllm-omni's text-to-image chat)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(STRICT, extra="allow")
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation; its user text is the prompt.")
-    model: str | None = Field(None, description="Must be the served model name when given.")
+    model: StrictStr | None = Field(None, description="Must be the served model name when given.")
     extra_body: dict[str, Any] | None = Field(None, description="Image parameters (see ChatImageParams); the top level works too.")
 
     def params(self) -> dict[str, Any]:
@@ -166,6 +173,8 @@ class ModelCard(BaseModel):
     defaults: ModelDefaults | None = None
     sizes: str | None = Field(None, description="The sizes this server makes.")
     max_batch: int | None = Field(None, description="Most images per pipeline call at the default guidance.")
+    max_prompt_tokens: int | None = Field(None, description="Longest prompt this server takes, in the model's tokens.")
+    max_megapixel_steps: float | None = Field(None, description="Most width x height x n x steps / 1e6 one request may ask for.")
 
 
 class ModelList(BaseModel):
@@ -190,3 +199,15 @@ class ErrorResponse(BaseModel):
 
     detail: str | list[dict[str, Any]]
     error: ErrorInfo
+
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 408: "timeout_error",
+               413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable", 504: "timeout_error"}
+
+
+def error_body(status: int, detail: Any, message: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """An ErrorResponse as JSON: every error the server answers has this shape."""
+    message = message if message is not None else (detail if isinstance(detail, str) else str(detail))
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"detail": detail, "error": {"message": message, "type": kind, "param": param, "code": status}}
