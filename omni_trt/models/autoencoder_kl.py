@@ -58,6 +58,19 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
     return VaeDecoderStandIn(config, engine)
 
 
+def decode_scaled(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
+    """What ZImagePipeline and StableDiffusion3Pipeline do after their loop: unscale and shift,
+    decode, postprocess."""
+    cfg = pipe.vae.config
+    latents = latents.to(pipe.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
+    return pipe.image_processor.postprocess(pipe.vae.decode(latents, return_dict=False)[0], output_type="pil")
+
+
+def decode_packed(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
+    """FluxPipeline's: its 2x2-packed token latents unpacked first."""
+    return decode_scaled(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor), height, width)
+
+
 def vae_decoder_spec(latent_channels: int = 16) -> ComponentSpec:
     dims = {0: "batch", 2: "latent_height", 3: "latent_width"}
     return ComponentSpec(

@@ -163,6 +163,10 @@ class Family:
         above this (Z-Image: 0, SD3: 1); None where CFG is a second call (Qwen-Image, Flux).
     components: ComponentSpec per name in COMPONENTS.
     prompt: how the pipeline reads a prompt (PromptRules).
+    decode_latents(pipe, latents, height, width): PIL images from latents in the layout the
+        pipeline's scheduler steps on (packed for Flux/Qwen-Image), decoded as the pipeline does
+        after its loop (unpack, unscale, VAE, postprocess): what previews of a step are made of.
+    pixels_per_token: image pixels per side of one transformer token (VAE x8, 2x2 patches).
     sample_points: two distinct points (every dynamic dim > 1 and different) used for export
         and validation; None lets export derive them from the size rules.
     """
@@ -176,7 +180,13 @@ class Family:
     cfg_batch_above: float | None
     components: Mapping[str, ComponentSpec]
     prompt: PromptRules
+    decode_latents: Callable[[Any, Any, int, int], list[Any]]
     sample_points: tuple[Point, Point] | None = None
+    pixels_per_token: int = 16
+
+    def image_tokens(self, width: int, height: int) -> int:
+        """Transformer tokens of one image (OpenAI's usage.output_tokens)."""
+        return (width // self.pixels_per_token) * (height // self.pixels_per_token)
 
     def transformer_batch(self, images: int, guidance_scale: float | None) -> int:
         """The transformer's batch for `images` images: doubled where the family runs CFG as one

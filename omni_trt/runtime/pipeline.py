@@ -20,6 +20,7 @@ from .request import GenerationRequest, pipeline_kwargs
 log = logging.getLogger(__name__)
 
 STAGES = ("text_encode", "denoise", "vae_decode")
+Preview = Callable[[int, int, int, Any], None]  # (request index, image index, partial index, PIL image)
 
 
 def default_device() -> str:
@@ -170,11 +171,15 @@ class PipelineRuntime:
         return self.max_images(self.family.defaults.guidance_scale, cap)
 
     def generate(self, requests: list[GenerationRequest], max_images: int | None = None,
-                 should_stop: Callable[[], Cancelled | None] | None = None) -> BatchResult:
+                 should_stop: Callable[[], Cancelled | None] | None = None, on_preview: Preview | None = None) -> BatchResult:
         """One batch of compatible requests, in pipeline calls of at most `max_images` images
-        (and what the engines take). should_stop() is asked after every denoising step and
-        between calls; the Cancelled it returns is raised there, so abandoned work stops within
-        one step (diffusers' own `interrupt` would still run the remaining loop and the decode)."""
+        (and what the engines take).
+
+        should_stop() is asked after every denoising step and between calls; the Cancelled it
+        returns is raised there, so abandoned work stops within one step (diffusers' own
+        `interrupt` would still run the remaining loop and the decode). on_preview(request index,
+        image index, partial index, image) gets each request's partial images (its
+        preview_steps()): the predicted clean image of that step, decoded like the final one."""
         chunks = self._chunks(requests, max_images)
         images: list[list[Any]] = [[] for _ in requests]
         stages: dict[str, float] = {}
@@ -182,22 +187,24 @@ class PipelineRuntime:
         with self._lock:
             for chunk in chunks:
                 _stop_if(should_stop)
-                calls.append(sum(r.n for _, r in chunk))
-                out, seconds = self._call([r for _, r in chunk], should_stop)
+                calls.append(sum(r.n for _, _, r in chunk))
+                previews = _preview_plan(chunk) if on_preview else {}
+                out, seconds = self._call([r for _, _, r in chunk], should_stop, previews, on_preview)
                 it = iter(out)
-                for index, r in chunk:
+                for index, _, r in chunk:
                     images[index].extend(next(it) for _ in range(r.n))
                 for k, v in seconds.items():
                     stages[k] = stages.get(k, 0.0) + v
         return BatchResult(images, stages, calls)
 
-    def _chunks(self, requests: list[GenerationRequest], cap: int | None) -> list[list[tuple[int, GenerationRequest]]]:
-        """Split so no call exceeds the image limit; a request larger than that is split by
-        image, its seeds kept (seed + index), so the images are the same as in one call."""
+    def _chunks(self, requests: list[GenerationRequest], cap: int | None) -> list[list[tuple[int, int, GenerationRequest]]]:
+        """(request index, first image index, part) per call, so no call exceeds the image
+        limit; a request larger than that is split by image, its seeds kept (seed + index), so
+        the images are the same as in one call."""
         limit = self.max_images(requests[0].guidance_scale, cap)
         if limit is None:
-            return [list(enumerate(requests))]
-        chunks: list[list[tuple[int, GenerationRequest]]] = [[]]
+            return [[(i, 0, r) for i, r in enumerate(requests)]]
+        chunks: list[list[tuple[int, int, GenerationRequest]]] = [[]]
         used = 0
         for index, r in enumerate(requests):
             offset = 0
@@ -207,12 +214,14 @@ class PipelineRuntime:
                     used = 0
                 take = min(r.n - offset, limit - used)
                 part = _replace(r, n=take, seed=r.image_seeds()[offset])
-                chunks[-1].append((index, part))
+                chunks[-1].append((index, offset, part))
                 used += take
                 offset += take
         return chunks
 
-    def _call(self, requests: list[GenerationRequest], should_stop: Callable[[], Cancelled | None] | None = None) -> tuple[list[Any], dict[str, float]]:
+    def _call(self, requests: list[GenerationRequest], should_stop: Callable[[], Cancelled | None] | None = None,
+              previews: Mapping[int, list[tuple[int, int, int, int]]] | None = None,
+              on_preview: Preview | None = None) -> tuple[list[Any], dict[str, float]]:
         timer = StageTimer(self.device)
         self._timer[0] = timer
         t0 = time.perf_counter()
@@ -223,14 +232,50 @@ class PipelineRuntime:
                 return tensors
 
             extra["callback_on_step_end"] = on_step
+        scheduler = self.pipe.scheduler
+        if previews:
+            scheduler.step = self._previewing_step(scheduler, previews, on_preview, requests[0].height, requests[0].width)
         try:
             with torch.inference_mode():
                 out = self.pipe(**pipeline_kwargs(requests), **extra)
         finally:
             self._timer[0] = None
+            scheduler.__dict__.pop("step", None)
         seconds = dict(timer.seconds)
         seconds["total"] = time.perf_counter() - t0
         return list(out.images), seconds
+
+    def _previewing_step(self, scheduler: Any, previews: Mapping[int, list[tuple[int, int, int, int]]], on_preview: Preview,
+                         height: int, width: int) -> Callable[..., Any]:
+        """The scheduler's own step, which also decodes the predicted clean latents at the
+        preview steps. Every served family samples with flow matching, where the clean
+        prediction is x0 = x_t - sigma_t * v: exact, whatever CFG the pipeline combined v from."""
+        real = type(scheduler).step.__get__(scheduler)
+
+        def step(model_output: Any, timestep: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
+            out = real(model_output, timestep, sample, *args, **kwargs)
+            wanted = previews.get(scheduler.step_index - 1)
+            if wanted:
+                sigma = scheduler.sigmas[scheduler.step_index - 1].to(device=sample.device, dtype=torch.float32)
+                x0 = sample.float() - sigma * model_output.float()
+                rows = torch.tensor([w[0] for w in wanted], device=sample.device)
+                images = self.family.decode_latents(self.pipe, x0[rows].to(sample.dtype), height, width)
+                for (_, index, image, partial), im in zip(wanted, images):
+                    on_preview(index, image, partial, im)
+            return out
+
+        return step
+
+
+def _preview_plan(chunk: list[tuple[int, int, GenerationRequest]]) -> dict[int, list[tuple[int, int, int, int]]]:
+    """step -> [(row in the call's batch, request index, image index, partial index)]."""
+    plan: dict[int, list[tuple[int, int, int, int]]] = {}
+    row = 0
+    for index, offset, part in chunk:
+        for partial, step in enumerate(part.preview_steps()):
+            plan.setdefault(step, []).extend((row + k, index, offset + k, partial) for k in range(part.n))
+        row += part.n
+    return plan
 
 
 def _stop_if(should_stop: Callable[[], Cancelled | None] | None) -> None:

@@ -19,6 +19,11 @@ MAX_STEPS = 200
 MAX_SCALE = 20.0
 SEED_LIMIT = 2**63
 CHARS_PER_TOKEN = 32  # a prompt longer than this per allowed token cannot fit: refused untokenized
+MAX_PARTIAL_IMAGES = 3  # OpenAI's range for partial_images
+QUALITIES = ("low", "medium", "high", "auto")
+BACKGROUNDS = ("auto", "opaque", "transparent")
+# gpt-image's quality as a share of the family's default steps (its recommended count is "high").
+QUALITY_SHARE = {"low": 1 / 3, "medium": 2 / 3, "high": 1.0, "auto": 1.0}
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,9 @@ class GenerationRequest:
     true_cfg_scale: float | None = None
     output_format: str = "png"
     output_compression: int | None = None
+    partial_images: int = 0  # previews to stream (0: none)
+    quality: str = "auto"  # as asked; reported back
+    background: str = "auto"
     request_id: str = field(default="", compare=False)
 
     def batch_key(self) -> tuple:
@@ -75,6 +83,18 @@ class GenerationRequest:
     def image_seeds(self) -> list[int]:
         """One seed per image, from (request seed, image index): the same alone or batched."""
         return [(self.seed + i) % SEED_LIMIT for i in range(self.n)]
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    def preview_steps(self) -> list[int]:
+        """0-based denoising steps whose predicted clean image is streamed: evenly spaced, the
+        last step excluded (that one is the final image), at most steps - 1 of them."""
+        if self.partial_images <= 0:
+            return []
+        picks = {max(0, (j + 1) * self.steps // (self.partial_images + 1) - 1) for j in range(self.partial_images)}
+        return sorted(p for p in picks if p < self.steps - 1)
 
 
 def _number(name: str, value: Any, lo: float, hi: float, integer: bool) -> Any:
@@ -101,6 +121,9 @@ def resolve(
     seed: int | None = None,
     output_format: str = "png",
     output_compression: int | None = None,
+    partial_images: int = 0,
+    quality: str | None = None,
+    background: str | None = None,
     limits: SizeLimits | None = None,
     caps: RequestCaps | None = None,
     request_id: str = "",
@@ -114,6 +137,18 @@ def resolve(
     if not prompt.strip():
         raise RequestError("prompt must not be empty", "prompt")
     defaults = family.defaults
+    quality = quality or "auto"
+    if quality not in QUALITIES:
+        raise RequestError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}", "quality", status=422)
+    background = background or "auto"
+    if background not in BACKGROUNDS:
+        raise RequestError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}", "background", status=422)
+    if background == "transparent":
+        raise RequestError("background 'transparent' is not available: no served model makes an alpha channel; "
+                           "use 'opaque' or 'auto'", "background")
+    partial_images = _number("partial_images", partial_images, 0, MAX_PARTIAL_IMAGES, integer=True)
+    if size == "auto":
+        size = None  # gpt-image's "auto": the family's default size
     if size is not None:
         width, height = parse_size(size)
     else:
@@ -124,7 +159,10 @@ def resolve(
         height = height or defaults.height
     (limits or SizeLimits.of(family)).check(width, height)
     n = _number("n", n, 1, MAX_IMAGES, integer=True)
-    steps = defaults.steps if steps is None else _number("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
+    if steps is None:  # an explicit num_inference_steps wins over quality
+        steps = max(1, round(defaults.steps * QUALITY_SHARE[quality]))
+    else:
+        steps = _number("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
     if guidance_scale is not None:
         guidance_scale = _number("guidance_scale", guidance_scale, 0.0, MAX_SCALE, integer=False)
     if true_cfg_scale is not None:
@@ -159,6 +197,9 @@ def resolve(
         true_cfg_scale=(defaults.true_cfg_scale if true_cfg_scale is None else true_cfg_scale) if FIELD_TRUE_CFG in fields else None,
         output_format=output_format,
         output_compression=output_compression,
+        partial_images=partial_images,
+        quality=quality,
+        background=background,
         request_id=request_id,
     )
 

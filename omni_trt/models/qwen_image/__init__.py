@@ -2,7 +2,7 @@
 
 from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, PromptRules, SizeRules
 from .transformer import transformer_spec
-from .vae import vae_decoder_spec
+from .vae import decode_latents, vae_decoder_spec
 
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's max_sequence_length default
 
@@ -24,5 +24,6 @@ FAMILY = Family(
     # Specs carry the released model's static feature dims; transformer_spec(config) /
     # vae_decoder_spec(config) give them for another config (the tiny test model).
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec()},
+    decode_latents=decode_latents,
     prompt=PromptRules("tokenizer", _count, lambda pipe: MAX_SEQUENCE_LENGTH),
 )

@@ -131,6 +131,19 @@ def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
     return QwenImageVaeStandIn()
 
 
+def decode_latents(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
+    """What QwenImagePipeline does after its loop: unpack to one frame, undo the per-channel
+    normalisation, decode, take frame 0, postprocess."""
+    import torch
+
+    cfg = pipe.vae.config
+    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
+    mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+    image = pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+    return pipe.image_processor.postprocess(image, output_type="pil")
+
+
 def vae_decoder_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:
     """The VAE decoder component; `config` fixes z_dim (None: the released model, 16)."""
     z_dim = (config or {}).get("z_dim", REAL_Z_DIM)
