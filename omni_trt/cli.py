@@ -113,9 +113,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .models import detect_family
 
         detect_family(args.model)  # fail before listening: a wrong path is not a 503
-    name = args.served_model_name or args.model or _engine_dir_model(args.engine_dir) or f"omni-trt/demo-{DEMO_FAMILY}"
+    names = args.served_model_name or [args.model or _engine_dir_model(args.engine_dir) or f"omni-trt/demo-{DEMO_FAMILY}"]
+    name = names[0]
     options = ServerOptions(
-        served_model_name=name, max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=api_key(args),
+        served_model_name=name, aliases=tuple(names[1:]), max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=api_key(args),
         max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout, max_prompt_tokens=args.max_prompt_tokens,
         max_megapixel_steps=args.max_megapixel_steps, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
     )
@@ -190,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model id)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help=(
+        "the model names clients may send; the first is the one reported (default: the model id). "
+        "vLLM's convention: e.g. --served-model-name my-model default"))
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests that may wait; more get 429 (default: 64)")
     p.add_argument("--max-batch-size", type=positive_int, default=4, help="most images per pipeline call: compatible requests are batched up to it, larger requests run in chunks of it (default: 4)")
     g = p.add_argument_group("access")

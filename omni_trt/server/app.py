@@ -19,7 +19,7 @@ from ..errors import OmniError
 from ..runtime.pipeline import PipelineRuntime
 from .guard import Guard
 from .metrics import RequestCounter
-from .protocol import error_body
+from .protocol import EVENT_MODELS, error_body
 from .routes import router, v1
 from .serving import ImageServing, ServerOptions, internal_error
 
@@ -52,6 +52,29 @@ def _jsonable_errors(errors: Any) -> list[dict[str, Any]]:
             item["input"] = value
         out.append(item)
     return out
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, plus the SSE events' models (FastAPI documents JSON bodies only)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        refs = []
+        for model in EVENT_MODELS:
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, nested in js.pop("$defs", {}).items():
+                components.setdefault(name, nested)
+            components[model.__name__] = js
+            refs.append({"$ref": f"#/components/schemas/{model.__name__}"})
+        for path in schema["paths"].values():
+            for op in path.values():
+                stream = op.get("responses", {}).get("200", {}).get("content", {}).get("text/event-stream")
+                if stream is not None:
+                    stream["schema"] = {"oneOf": refs, "description": stream["schema"].get("description", "")}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> FastAPI:
@@ -91,6 +114,7 @@ def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> F
 
     app.include_router(router)
     app.include_router(v1)
+    app.openapi = lambda: _openapi(app)
     # Outermost last: the counter sees the guard's answers too.
     app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body_bytes, body_timeout=options.body_timeout_s,
                        draining=lambda: serving.draining)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from ..runtime.request import MAX_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT
+from ..runtime.request import MAX_IMAGES, MAX_PARTIAL_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT
 
 # ---- requests ----
 
@@ -19,9 +19,16 @@ STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
 class ImageParams(BaseModel):
-    """The vllm-omni extension fields, shared by both endpoints."""
+    """The vllm-omni extension fields and gpt-image's, shared by both endpoints."""
 
     model_config = STRICT
+
+    quality: Literal["low", "medium", "high", "auto"] | None = Field(None, description=(
+        "gpt-image quality: the family's default steps x 1/3 (low), x 2/3 (medium), x 1 (high, auto); "
+        "an explicit num_inference_steps wins."))
+    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description=(
+        "auto and opaque make the usual image; transparent is refused (400): no served model makes alpha."))
+    moderation: Literal["auto", "low"] | None = Field(None, description="Accepted for gpt-image clients; no moderation is applied.")
 
     negative_prompt: StrictStr | None = Field(None, description="What the image should not show (families with CFG; ignored elsewhere).")
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Denoising steps (default: the model family's).")
@@ -38,11 +45,14 @@ class ImageGenerationBody(ImageParams):
     model_config = ConfigDict(STRICT, extra="ignore")
 
     prompt: StrictStr = Field(description="Text prompt.")
-    model: StrictStr | None = Field(None, description="Must be the served model name when given.")
+    model: StrictStr | None = Field(None, description="Must be one of the served model names when given.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
-    size: StrictStr | None = Field(None, description="'WxH' in pixels, e.g. '1024x1024' (default: the family's).")
+    size: StrictStr | None = Field(None, description="'WxH' in pixels, e.g. '1024x1024', or 'auto' (default: the family's).")
     response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json: images come back inline.")
     user: StrictStr | None = Field(None, description="An end-user id, logged (escaped).")
+    stream: bool = Field(False, description="Server-sent events: partial images as they form, then each final image.")
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
+        "With stream: previews per image (0..3), the predicted clean image at evenly spaced steps (at most steps - 1)."))
 
 
 class ChatImageParams(ImageParams):
@@ -100,9 +110,57 @@ class ImageData(BaseModel):
     revised_prompt: None = Field(None, description="Always null: prompts are used as given.")
 
 
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int = 0
+
+
+class ImageUsage(BaseModel):
+    """OpenAI's image usage: input = the prompt's tokens in the model's tokenizer, output = the
+    transformer's tokens per image (16 x 16 pixels each) times the images."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+
+
 class ImagesResponse(BaseModel):
     created: int = Field(description="Unix time of the response.")
     data: list[ImageData] = Field(description="One entry per image, in order.")
+    size: str = Field(description="WxH of the images made.")
+    quality: str = Field(description="The quality asked for (auto when none).")
+    background: str = Field(description="opaque: every served model makes opaque images.")
+    output_format: str
+    usage: ImageUsage
+
+
+class PartialImageEvent(BaseModel):
+    """An SSE `image_generation.partial_image` event's data."""
+
+    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    b64_json: str
+    partial_image_index: int = Field(description="0-based, per image.")
+    image_index: int = Field(0, description="Which of the request's n images (an extension: OpenAI streams one).")
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+
+
+class CompletedImageEvent(BaseModel):
+    """An SSE `image_generation.completed` event's data: one per image, the last one last."""
+
+    type: Literal["image_generation.completed"] = "image_generation.completed"
+    b64_json: str
+    image_index: int = 0
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    usage: ImageUsage
 
 
 class ImageURL(BaseModel):
@@ -211,3 +269,6 @@ def error_body(status: int, detail: Any, message: str | None = None, param: str 
     message = message if message is not None else (detail if isinstance(detail, str) else str(detail))
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"detail": detail, "error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+EVENT_MODELS = (PartialImageEvent, CompletedImageEvent)  # the data of the SSE events, for /openapi.json

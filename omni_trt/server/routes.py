@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
 
 from ..errors import OmniError
 from .protocol import (
@@ -62,8 +63,18 @@ async def models(s: ImageServing = Depends(serving)) -> Any:
     return s.models()
 
 
-@v1.post("/images/generations", response_model=ImagesResponse, responses=GENERATE_ERRORS)
+STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
+    "With stream: true. Events image_generation.partial_image (PartialImageEvent) as previews form, then "
+    "image_generation.completed (CompletedImageEvent) per image; `error` (ErrorResponse) if it fails after it began; "
+    "SSE comments while queued.")}}}
+
+
+@v1.post("/images/generations", response_model=ImagesResponse, responses={**GENERATE_ERRORS, 200: {"content": STREAM}})
 async def images(body: ImageGenerationBody, request: Request, response: Response, s: ImageServing = Depends(serving)) -> Any:
+    if body.stream:
+        events, request_id = await s.stream_images(request, body)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"X-Request-Id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     out, request_id = await s.create_images(request, body)
     response.headers["X-Request-Id"] = request_id
     return out

@@ -26,7 +26,8 @@ from ..runtime.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
-RunBatch = Callable[[list[GenerationRequest], Callable[[], Cancelled | None]], BatchResult]
+# run_batch(requests, should_stop, on_preview): see PipelineRuntime.generate.
+RunBatch = Callable[[list[GenerationRequest], Callable[[], Cancelled | None], Callable[[int, int, int, Any], None]], BatchResult]
 
 
 class QueueFull(OmniError):
@@ -60,16 +61,27 @@ class Job:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: Cancelled | None = None  # why it was abandoned, once it is
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # the worker took it
+    previews: asyncio.Queue | None = None  # (image index, partial index, PIL image), for streams
+    _sent: set = field(default_factory=set)  # a batch retried per request makes its previews again
+
+    def _soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is waiting
+            pass
+
+    def preview(self, image: int, partial: int, picture: Any) -> None:
+        if self.previews is not None and not self.cancelled and (image, partial) not in self._sent:
+            self._sent.add((image, partial))
+            self._soon(self.previews.put_nowait, (image, partial, picture))
 
     def settle(self, outcome: Outcome) -> None:
         def settle() -> None:
             if not self.future.done():
                 self.future.set_result(outcome)
 
-        try:
-            self.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the event loop is closed: nobody is waiting
-            pass
+        self._soon(settle)
 
 
 class Scheduler:
@@ -110,9 +122,10 @@ class Scheduler:
         with self._cond:
             return not self._queue and not self._running
 
-    def submit(self, request: GenerationRequest) -> Job:
+    def submit(self, request: GenerationRequest, stream: bool = False) -> Job:
+        """Queue a request; stream: its partial images go to job.previews as they are made."""
         loop = asyncio.get_running_loop()
-        job = Job(request, loop, loop.create_future())
+        job = Job(request, loop, loop.create_future(), previews=asyncio.Queue() if stream else None)
         with self._cond:
             if self._closed or self._stopped:
                 raise ShuttingDown(self._closed or "server is shutting down", headers={"Retry-After": "5"})
@@ -178,6 +191,8 @@ class Scheduler:
                     return
                 batch = self._take_batch()
                 self._running = batch
+            for job in batch:
+                job._soon(job.started.set)
             started = time.perf_counter()
             try:
                 self._run(batch, started)
@@ -191,8 +206,11 @@ class Scheduler:
             reasons = [j.cancelled for j in batch]
             return reasons[0] if all(reasons) else None
 
+        def on_preview(index: int, image: int, partial: int, picture: Any) -> None:
+            batch[index].preview(image, partial, picture)
+
         try:
-            result = self.run_batch([j.request for j in batch], should_stop)
+            result = self.run_batch([j.request for j in batch], should_stop, on_preview)
         except Cancelled as e:
             log.info("batch of %d request(s) stopped: %s", len(batch), e)
             for job in batch:

@@ -7,6 +7,7 @@ OpenAI entrypoints do with their serving classes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -33,15 +34,21 @@ from .protocol import (
     ChatChoice,
     ChatCompletionResponse,
     ChatImageParams,
+    ChatUsage,
+    CompletedImageEvent,
     ImageData,
     ImageGenerationBody,
     ImagePart,
     ImagesResponse,
     ImageURL,
+    ImageUsage,
+    InputTokensDetails,
     ModelCard,
     ModelDefaults,
     ModelList,
+    PartialImageEvent,
     RuntimeInfo,
+    error_body,
 )
 from .scheduler import Job, JobResult, QueueFull, Scheduler
 
@@ -50,11 +57,19 @@ log = logging.getLogger(__name__)
 MB = 1 << 20
 
 
+def sse(event: str, data: dict[str, Any]) -> str:
+    """One server-sent event: its type, then its JSON on one data line."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
 @dataclass(frozen=True)
 class ServerOptions:
-    """Everything an operator sets on `omni serve` that the app needs (see its --help)."""
+    """Everything an operator sets on `omni serve` that the app needs (see its --help).
+    served_model_name: the name reported; aliases: more names clients may send (vLLM's
+    convention: `--served-model-name a b`; vLLM-Omni's benchmark client sends "default")."""
 
     served_model_name: str
+    aliases: tuple[str, ...] = ()
     max_queue: int = 64
     max_batch_size: int = 4
     api_key: str | None = None
@@ -64,15 +79,31 @@ class ServerOptions:
     max_megapixel_steps: float | None = 256.0  # width x height x n x steps / 1e6 per request
     request_timeout_s: float = 300.0  # from arrival to answer; past it: 504 and the work stops
     drain_timeout_s: float = 30.0  # on shutdown, how long the backlog may finish
+    keepalive_s: float = 5.0  # SSE comments this often while a stream waits
     disconnect_poll_s: float = 0.1
 
 
 @dataclass(frozen=True)
-class Generated:
-    """What the shared sequence gives a route: the resolved request and its encoded images."""
+class Admitted:
+    """A request that passed every check and is queued (its job), with its prompt tokens."""
 
     request: GenerationRequest
-    images: list[str]  # base64
+    job: Job
+    prompt_tokens: int
+    image_tokens: int
+    arrived: float
+
+    def usage(self, images: int | None = None) -> ImageUsage:
+        out = self.image_tokens * (self.request.n if images is None else images)
+        return ImageUsage(input_tokens=self.prompt_tokens, input_tokens_details=InputTokensDetails(text_tokens=self.prompt_tokens),
+                          output_tokens=out, total_tokens=self.prompt_tokens + out)
+
+    def describe(self) -> dict[str, str]:
+        r = self.request
+        return {"size": r.size, "quality": r.quality, "background": "opaque", "output_format": r.output_format}
+
+
+SSE_EVENTS = {"generation": "image_generation", "edit": "image_edit"}
 
 
 def internal_error(request_id: str) -> OmniError:
@@ -107,7 +138,7 @@ class ImageServing:
                 # One cap for both: batching stops there, and a larger request runs in chunks of it
                 # (a 10-image request is never one 10-image call that could run out of memory).
                 cap = runtime.max_batch(self.options.max_batch_size)
-                scheduler = Scheduler(lambda reqs, stop: runtime.generate(reqs, cap, stop), self.options.max_queue, cap, self._on_batch)
+                scheduler = Scheduler(lambda reqs, stop, preview: runtime.generate(reqs, cap, stop, preview), self.options.max_queue, cap, self._on_batch)
                 scheduler.start()
                 tokens = runtime.max_prompt_tokens
                 if self.options.max_prompt_tokens:
@@ -175,8 +206,9 @@ class ImageServing:
         return self.runtime, self.scheduler
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.options.served_model_name:
-            raise RequestError(f"model {model!r} is not served here; this server serves {self.options.served_model_name!r}", "model")
+        names = (self.options.served_model_name, *self.options.aliases)
+        if model is not None and model not in names:
+            raise RequestError(f"model {model!r} is not served here; this server serves {', '.join(map(repr, names))}", "model")
 
     def retry_after(self) -> int:
         """Seconds until the queue has room, from the recent batch time."""
@@ -206,11 +238,12 @@ class ImageServing:
 
     # ---- the shared request sequence ----
 
-    async def generate(self, http_request: Request, model: str | None, prompt: Any, what: str, prompt_param: str = "prompt",
-                       **fields: Any) -> Generated:
-        """ready -> check model -> resolve and bound -> queue and wait -> encode."""
+    async def admit(self, http_request: Request, model: str | None, prompt: Any, what: str, prompt_param: str = "prompt",
+                    stream: bool = False, **fields: Any) -> Admitted:
+        """ready -> check model -> resolve and bound -> queue. Every refusal (4xx, 429, 503)
+        happens here, before a response (or a stream) starts."""
         arrived = time.monotonic()
-        runtime, _ = self.ready()
+        runtime, scheduler = self.ready()
         self.check_model(model)
         try:
             req = resolve(runtime.family, prompt, limits=runtime.limits, caps=self.caps, request_id=uuid.uuid4().hex, **fields)
@@ -218,31 +251,56 @@ class ImageServing:
             if e.param == "prompt":
                 e.param = prompt_param
             raise
-        await self._check_tokens(runtime, req, prompt_param)
-        log.info("request %s %s n=%d %dx%d steps=%d seed=%d", req.request_id, what, req.n, req.width, req.height, req.steps, req.seed)
-        result = await self._run(req, http_request, arrived)
-        return Generated(req, await self._encode(result.images, req.output_format, req.output_compression))
+        tokens = await self._check_tokens(runtime, req, prompt_param)
+        log.info("request %s %s n=%d %dx%d steps=%d seed=%d%s", req.request_id, what, req.n, req.width, req.height, req.steps,
+                 req.seed, f" stream partial_images={req.partial_images}" if stream else "")
+        try:
+            job = scheduler.submit(req, stream=stream)
+        except QueueFull as e:
+            e.headers = {"Retry-After": str(self.retry_after())}
+            raise
+        self.metrics.queue_depth.set(scheduler.depth())
+        return Admitted(req, job, tokens, runtime.family.image_tokens(req.width, req.height), arrived)
 
-    async def _check_tokens(self, runtime: PipelineRuntime, req: GenerationRequest, prompt_param: str) -> None:
+    async def generate(self, http_request: Request, model: str | None, prompt: Any, what: str, prompt_param: str = "prompt",
+                       **fields: Any) -> tuple[Admitted, list[str]]:
+        """admit -> wait -> encode: the request and its images, base64."""
+        a = await self.admit(http_request, model, prompt, what, prompt_param, **fields)
+        result = await self._wait(a, http_request)
+        return a, await self._encode(result.images, a.request.output_format, a.request.output_compression)
+
+    async def _check_tokens(self, runtime: PipelineRuntime, req: GenerationRequest, prompt_param: str) -> int:
         """Prompts the model cannot read whole are refused before they are queued (the pipelines
-        would truncate them silently, or fail on a short config). Counted off the event loop."""
+        would truncate them silently, or fail on a short config). Counted off the event loop.
+        Returns the prompt's tokens (OpenAI's usage.input_tokens)."""
         most = self.caps.max_prompt_tokens
         loop = asyncio.get_running_loop()
+        counted = 0
         for param, text in ((prompt_param, req.prompt), ("negative_prompt", req.negative_prompt)):
-            if text is None or most is None:
+            if text is None:
                 continue
             tokens = await loop.run_in_executor(self.encode_pool, runtime.prompt_tokens, text)
-            if tokens > most:
+            if most is not None and tokens > most:
                 raise RequestError(f"{param} is {tokens} tokens; this model reads at most {most}: shorten it", param)
+            counted = counted or tokens
+        return counted
+
+    def _image_fields(self, body: ImageGenerationBody) -> dict[str, Any]:
+        return dict(size=body.size, n=body.n, steps=body.num_inference_steps, guidance_scale=body.guidance_scale,
+                    true_cfg_scale=body.true_cfg_scale, negative_prompt=body.negative_prompt, seed=body.seed,
+                    output_format=body.output_format, output_compression=body.output_compression,
+                    quality=body.quality, background=body.background)
 
     async def create_images(self, http_request: Request, body: ImageGenerationBody) -> tuple[ImagesResponse, str]:
-        g = await self.generate(
-            http_request, body.model, body.prompt, f"images user={escape(body.user)}", size=body.size, n=body.n,
-            steps=body.num_inference_steps, guidance_scale=body.guidance_scale, true_cfg_scale=body.true_cfg_scale,
-            negative_prompt=body.negative_prompt, seed=body.seed, output_format=body.output_format,
-            output_compression=body.output_compression,
-        )
-        return ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in g.images]), g.request.request_id
+        a, images = await self.generate(http_request, body.model, body.prompt, f"images user={escape(body.user)}", **self._image_fields(body))
+        response = ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in images], usage=a.usage(), **a.describe())
+        return response, a.request.request_id
+
+    async def stream_images(self, http_request: Request, body: ImageGenerationBody) -> tuple[AsyncIterator[str], str]:
+        """Admitted (or refused with a JSON 4xx) before the first event; then the events."""
+        a = await self.admit(http_request, body.model, body.prompt, f"images user={escape(body.user)}", stream=True,
+                             partial_images=body.partial_images, **self._image_fields(body))
+        return self._events(a, http_request, "generation"), a.request.request_id
 
     async def create_chat(self, http_request: Request, body: ChatBody) -> tuple[ChatCompletionResponse, str]:
         self.ready()
@@ -254,56 +312,115 @@ class ImageServing:
             p = ChatImageParams.model_validate(body.params())
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
-        g = await self.generate(
+        a, images = await self.generate(
             http_request, body.model, prompt, "chat", prompt_param="messages", size=p.size, width=p.width, height=p.height,
             n=p.num_outputs_per_prompt, steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
             true_cfg_scale=p.true_cfg_scale, negative_prompt=p.negative_prompt, seed=p.seed, output_format=p.output_format,
-            output_compression=p.output_compression,
+            output_compression=p.output_compression, quality=p.quality, background=p.background,
         )
-        fmt = g.request.output_format
-        parts = [ImagePart(image_url=ImageURL(url=data_url(b, fmt))) for b in g.images]
+        fmt = a.request.output_format
+        parts = [ImagePart(image_url=ImageURL(url=data_url(b, fmt))) for b in images]
         response = ChatCompletionResponse(
-            id=f"chatcmpl-{g.request.request_id}", created=int(time.time()), model=self.options.served_model_name,
+            id=f"chatcmpl-{a.request.request_id}", created=int(time.time()), model=self.options.served_model_name,
             choices=[ChatChoice(message=AssistantMessage(content=parts))],
+            usage=ChatUsage(prompt_tokens=a.prompt_tokens, completion_tokens=a.usage().output_tokens,
+                            total_tokens=a.usage().total_tokens),
         )
-        return response, g.request.request_id
+        return response, a.request.request_id
 
-    async def _run(self, request: GenerationRequest, http_request: Request, arrived: float) -> JobResult:
-        """Queue the request and wait. A client that leaves, or a deadline that passes, cancels
-        it: dropped while queued, stopped at the next step while running."""
-        _, scheduler = self.ready()
-        try:
-            job = scheduler.submit(request)
-        except QueueFull as e:
-            e.headers = {"Retry-After": str(self.retry_after())}
-            raise
-        self.metrics.queue_depth.set(scheduler.depth())
-        deadline = arrived + self.options.request_timeout_s
+    def _abandon(self, a: Admitted, reason: Cancelled) -> None:
+        """Cancel a request whose client left or whose deadline passed; counted by why and where."""
+        queued = self.scheduler.cancel(a.job, reason)
+        where = "queued" if queued else "running"
+        self.metrics.cancelled.labels(reason="disconnect" if reason.status == 499 else "deadline", where=where).inc()
+        if queued and reason.status == 499:
+            self.metrics.dropped.inc()
+        log.info("request %s cancelled while %s: %s", a.request.request_id, where, reason)
+
+    def _deadline_passed(self, a: Admitted) -> Cancelled | None:
+        if time.monotonic() <= a.arrived + self.options.request_timeout_s:
+            return None
+        return Cancelled(f"the request took longer than this server's limit of {self.options.request_timeout_s:g} s; "
+                         "ask for less (fewer images or steps, a smaller size) or retry later", status=504)
+
+    def _result(self, a: Admitted) -> JobResult:
+        """The job's result, or its error as what the client may see."""
+        outcome = a.job.future.result()
+        if outcome.error is None:
+            return outcome.result
+        if isinstance(outcome.error, OmniError):  # the request's own fault, a deadline, a shutdown
+            raise outcome.error
+        # A fault, logged with its traceback by the worker. Answered here rather than by the
+        # catch-all handler: Starlette re-raises after that one responds, and uvicorn then
+        # closes the connection under the client.
+        raise internal_error(a.request.request_id)
+
+    async def _wait(self, a: Admitted, http_request: Request) -> JobResult:
+        """Wait for the job. A client that leaves, or a deadline that passes, cancels it:
+        dropped while queued, stopped at the next step while running."""
         while True:
-            done, _ = await asyncio.wait({job.future}, timeout=self.options.disconnect_poll_s)
+            done, _ = await asyncio.wait({a.job.future}, timeout=self.options.disconnect_poll_s)
             if done:
-                outcome = job.future.result()
-                if outcome.error is None:
-                    return outcome.result
-                if isinstance(outcome.error, OmniError):  # the request's own fault, a deadline, a shutdown
-                    raise outcome.error
-                # A fault, logged with its traceback by the worker. Answered here rather than by
-                # the catch-all handler: Starlette re-raises after that one responds, and uvicorn
-                # then closes the connection under the client.
-                raise internal_error(request.request_id)
+                return self._result(a)
             if await http_request.is_disconnected():
                 reason = Cancelled("the client disconnected", status=499)
-            elif time.monotonic() > deadline:
-                reason = Cancelled(f"the request took longer than this server's limit of {self.options.request_timeout_s:g} s; "
-                                   "ask for less (fewer images or steps, a smaller size) or retry later", status=504)
             else:
-                continue
-            queued = scheduler.cancel(job, reason)
-            self.metrics.cancelled.labels(reason="disconnect" if reason.status == 499 else "deadline", where="queued" if queued else "running").inc()
-            if queued and reason.status == 499:
-                self.metrics.dropped.inc()
-            log.info("request %s cancelled while %s: %s", request.request_id, "queued" if queued else "running", reason)
-            raise reason
+                reason = self._deadline_passed(a)
+            if reason is not None:
+                self._abandon(a, reason)
+                raise reason
+
+    async def _events(self, a: Admitted, http_request: Request, kind: str) -> AsyncIterator[str]:
+        """The SSE stream: comments while queued (keep-alives), a partial_image event per
+        preview as the worker makes it, then one completed event per image; an `error` event
+        (the error shape) if it fails after the stream began. A client that leaves cancels it."""
+        prefix = SSE_EVENTS[kind]
+        job, req = a.job, a.request
+        last_sent = time.monotonic()
+        finished = False
+        try:
+            while True:
+                get = asyncio.ensure_future(job.previews.get())
+                done, _ = await asyncio.wait({get, job.future}, timeout=self.options.disconnect_poll_s)
+                if get in done:
+                    image, partial, picture = get.result()
+                    b64 = (await self._encode([picture], req.output_format, req.output_compression))[0]
+                    event = PartialImageEvent(b64_json=b64, partial_image_index=partial, image_index=image, created_at=int(time.time()),
+                                              **a.describe())
+                    yield sse(f"{prefix}.partial_image", event.model_dump())
+                    last_sent = time.monotonic()
+                    continue
+                get.cancel()
+                if job.future.done() and job.previews.empty():
+                    finished = True
+                    try:
+                        result = self._result(a)
+                    except OmniError as e:
+                        yield sse("error", error_body(e.status, e.message, param=e.param))
+                        return
+                    encoded = await self._encode(result.images, req.output_format, req.output_compression)
+                    for i, b64 in enumerate(encoded):
+                        event = CompletedImageEvent(b64_json=b64, image_index=i, created_at=int(time.time()), usage=a.usage(1), **a.describe())
+                        yield sse(f"{prefix}.completed", event.model_dump())
+                    return
+                if job.future.done():
+                    continue  # previews still queued: they go first
+                if await http_request.is_disconnected():
+                    reason = Cancelled("the client disconnected", status=499)
+                else:
+                    reason = self._deadline_passed(a)
+                if reason is not None:
+                    finished = True
+                    self._abandon(a, reason)
+                    if reason.status != 499:
+                        yield sse("error", error_body(reason.status, reason.message))
+                    return
+                if time.monotonic() - last_sent >= self.options.keepalive_s:
+                    yield ": keep-alive\n\n"  # an SSE comment: proxies and clients see the stream is alive
+                    last_sent = time.monotonic()
+        finally:
+            if not finished and not job.future.done():  # the response was closed under us
+                self._abandon(a, Cancelled("the client disconnected", status=499))
 
     async def _encode(self, images: list[Any], fmt: str, compression: int | None) -> list[str]:
         loop = asyncio.get_running_loop()
