@@ -57,6 +57,18 @@ class SizeLimits:
             )
         return f"sides within {self.min_side}..{self.max_side}, multiples of {self.multiple_of} ({self.source})"
 
+    def bounds(self) -> dict[str, int]:
+        """The same ranges as numbers (the model card's size_limits), so clients such as the
+        playground can offer sizes without parsing describe()'s text."""
+        sides = (self.min_side, self.max_side)
+        return {
+            "multiple_of": self.multiple_of,
+            "min_width": self.min_width if self.min_width is not None else sides[0],
+            "max_width": self.max_width if self.max_width is not None else sides[1],
+            "min_height": self.min_height if self.min_height is not None else sides[0],
+            "max_height": self.max_height if self.max_height is not None else sides[1],
+        }
+
     def check(self, width: int, height: int, param: str = "size") -> None:
         """RequestError (400, naming `param`) unless this size can be made."""
         size = f"{width}x{height}"

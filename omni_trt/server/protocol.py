@@ -205,6 +205,16 @@ class ModelDefaults(BaseModel):
     true_cfg_scale: float | None
 
 
+class SizeRange(BaseModel):
+    """The sizes this server makes, as numbers: width and height within their ranges, multiples of multiple_of."""
+
+    multiple_of: int
+    min_width: int
+    max_width: int
+    min_height: int
+    max_height: int
+
+
 class RuntimeInfo(BaseModel):
     """What serves the model: its runtime, family, device, dtype and engines."""
 
@@ -230,6 +240,7 @@ class ModelCard(BaseModel):
     engine_profile: dict[str, Any] | None = None
     defaults: ModelDefaults | None = None
     sizes: str | None = Field(None, description="The sizes this server makes.")
+    size_limits: SizeRange | None = Field(None, description="The same, as numbers.")
     max_batch: int | None = Field(None, description="Most images per pipeline call at the default guidance.")
     max_prompt_tokens: int | None = Field(None, description="Longest prompt this server takes, in the model's tokens.")
     max_megapixel_steps: float | None = Field(None, description="Most width x height x n x steps / 1e6 one request may ask for.")

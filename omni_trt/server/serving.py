@@ -48,6 +48,7 @@ from .protocol import (
     ModelList,
     PartialImageEvent,
     RuntimeInfo,
+    SizeRange,
     error_body,
 )
 from .scheduler import Job, JobResult, QueueFull, Scheduler
@@ -229,6 +230,7 @@ class ImageServing:
                 **rt.describe(),
                 "defaults": ModelDefaults(size=f"{d.width}x{d.height}", num_inference_steps=d.steps, guidance_scale=d.guidance_scale, true_cfg_scale=d.true_cfg_scale),
                 "sizes": rt.limits.describe(),
+                "size_limits": SizeRange(**rt.limits.bounds()),
                 "max_batch": rt.max_batch(self.options.max_batch_size),
                 "max_prompt_tokens": self.caps.max_prompt_tokens,
                 "max_megapixel_steps": self.caps.max_megapixel_steps,
