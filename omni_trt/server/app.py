@@ -19,6 +19,7 @@ from ..errors import OmniError
 from ..runtime.pipeline import PipelineRuntime
 from .guard import Guard
 from .metrics import RequestCounter
+from .playground import static_files
 from .protocol import EVENT_MODELS, error_body
 from .routes import router, v1
 from .serving import ImageServing, ServerOptions, internal_error
@@ -114,6 +115,7 @@ def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> F
 
     app.include_router(router)
     app.include_router(v1)
+    app.mount("/static", static_files(), name="static")
     app.openapi = lambda: _openapi(app)
     # Outermost last: the counter sees the guard's answers too.
     app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body_bytes, body_timeout=options.body_timeout_s,

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 
 from ..errors import OmniError
+from . import playground
 from .protocol import (
     ChatBody,
     ChatCompletionResponse,
@@ -41,6 +42,12 @@ GENERATE_ERRORS = _errors(400, 401, 422, 429, 500, 503)
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1")
+
+
+# The page is not part of the API: kept out of /openapi.json (and so out of schema clients and fuzzing).
+@router.get("/", include_in_schema=False)
+async def index() -> Response:
+    return playground.page()
 
 
 @router.get("/health", response_model=HealthResponse, responses=_errors(503))
