@@ -68,7 +68,7 @@ async function loadModel() {
   showError("");
   $("model").textContent = `${card.id} (${card.family}, ${card.runtime} on ${card.device}). Sizes: ${card.sizes}.`;
   fillSizes(card);
-  $("steps").value = card.defaults.num_inference_steps;
+  if ($("steps").value === "") $("steps").value = card.defaults.num_inference_steps; // keep what the user typed
 }
 
 function sizeChoices(card) {
@@ -219,7 +219,8 @@ async function generate(ev) {
   if (state.controller) return;
   showError("");
   const body = requestBody();
-  const run = { n: body.n, partials: body.partial_images, seed: body.seed, previews: 0, finals: 0,
+  const steps = body.num_inference_steps ?? state.card?.defaults.num_inference_steps ?? Infinity;
+  const run = { n: body.n, partials: Math.min(body.partial_images, steps - 1), seed: body.seed, previews: 0, finals: 0,
                 usage: null, output_tokens: 0, t0: performance.now(), first: null, last: null };
   const figures = Array.from({ length: run.n }, (_, i) => figureFor(i, run.n));
   $("images").replaceChildren(...figures);
