@@ -13,7 +13,7 @@ STATIC = Path(__file__).parent / "static"
 
 # Only this origin's own files and calls; images arrive as data: URLs. No inline script or
 # style is allowed, so app.js and style.css are separate files under /static/.
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
