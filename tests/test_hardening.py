@@ -66,15 +66,18 @@ def test_a_request_that_fails_its_batch_fails_alone(runtime, caplog):
     runtime.pipe.encode_prompt = encode
     bodies = [{"prompt": "a POISON fox", "seed": 1, **SMALL}] + [{"prompt": f"good fox {i}", "seed": 10 + i, **SMALL} for i in range(3)]
     try:
-        with live_server(lambda: runtime, max_batch_size=4) as live, live.client() as c, ThreadPoolExecutor(4) as pool:
-            runtime._lock.acquire()  # hold the worker so all four queue up and batch together
+        with live_server(lambda: runtime, max_batch_size=4) as live, live.client() as c, ThreadPoolExecutor(5) as pool:
+            runtime._lock.acquire()  # hold the worker inside a first request, so the four queue behind it and batch together
             try:
+                busy = pool.submit(c.post, GEN, json={"prompt": "busy", **SMALL, "size": "64x128"})
+                wait_until(lambda: live.state.scheduler.in_flight == 1, 30, "the worker to take the first request")
                 futures = [pool.submit(c.post, GEN, json=b) for b in bodies]
-                wait_until(lambda: live.state.scheduler.depth() + live.state.scheduler.in_flight == 4, 30, "four queued requests")
+                wait_until(lambda: live.state.scheduler.depth() == 4, 30, "four queued requests")
             finally:
                 runtime._lock.release()
             with caplog.at_level(logging.WARNING, logger="omni_trt.server.scheduler"):
                 responses = [f.result() for f in futures]
+            assert busy.result().status_code == 200
     finally:
         runtime.pipe.encode_prompt = real
     bad = assert_error(responses[0], 500, "internal error")
