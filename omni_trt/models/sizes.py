@@ -69,6 +69,20 @@ class SizeLimits:
             "max_height": self.max_height if self.max_height is not None else sides[1],
         }
 
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """The allowed size nearest an input image's (edits' size "auto"): scaled into range
+        keeping the aspect ratio where the range allows, then each side rounded down to a multiple."""
+        b = self.bounds()
+        wlo, whi, hlo, hhi = b["min_width"], b["max_width"], b["min_height"], b["max_height"]
+        scale = min(1.0, whi / width, hhi / height)
+        scale = max(scale, wlo / width, hlo / height)
+        m = self.multiple_of
+
+        def side(v: float, lo: int, hi: int) -> int:
+            return min(max(int(v) // m * m, -(-lo // m) * m), hi // m * m)
+
+        return side(width * scale, wlo, whi), side(height * scale, hlo, hhi)
+
     def check(self, width: int, height: int, param: str = "size") -> None:
         """RequestError (400, naming `param`) unless this size can be made."""
         size = f"{width}x{height}"

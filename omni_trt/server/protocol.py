@@ -55,6 +55,27 @@ class ImageGenerationBody(ImageParams):
         "With stream: previews per image (0..3), the predicted clean image at evenly spaced steps (at most steps - 1)."))
 
 
+class ImageEditForm(ImageParams):
+    """POST /v1/images/edits, multipart (OpenAI's fields plus the vllm-omni extensions and
+    `strength`); the files (image, image[], mask) are separate form parts. Form values are text,
+    so numbers are parsed from it, but NaN and infinities are still refused."""
+
+    model_config = ConfigDict(extra="ignore", strict=False, allow_inf_nan=False)
+
+    prompt: str = Field(description="What to make of the image.")
+    model: str | None = Field(None, description="Must be one of the served model names when given.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images per input image.")
+    size: str | None = Field(None, description="'WxH', or 'auto' (default): the input image's size fitted to the model's size rules.")
+    response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json: images come back inline.")
+    user: str | None = Field(None, description="An end-user id, logged (escaped).")
+    stream: bool = Field(False, description="Server-sent events: image_edit.partial_image, then image_edit.completed per image.")
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description="With stream: previews per image (0..3).")
+    strength: float | None = Field(None, ge=0, le=1, description=(
+        "How much of the input is re-imagined: 0 keeps it, 1 ignores it (default: the family's, 0.6 for "
+        "image-to-image; runs that share of the steps)."))
+    input_fidelity: Literal["high", "low"] | None = Field(None, description="gpt-image-1's; accepted, not applied.")
+
+
 class ChatImageParams(ImageParams):
     """Parameters of a chat request, read from `extra_body` and the top level."""
 
@@ -88,6 +109,19 @@ class ChatBody(BaseModel):
         merged = {k: v for k, v in (self.model_extra or {}).items() if k in ChatImageParams.model_fields}
         merged.update(self.extra_body or {})
         return merged
+
+    def image_urls(self) -> list[str]:
+        """URLs of the user messages' image_url parts (a chat edit: the image to edit)."""
+        urls = []
+        for m in self.messages:
+            if m.role != "user" or not isinstance(m.content, list):
+                continue
+            for part in m.content:
+                if part.get("type") == "image_url":
+                    ref = part.get("image_url")
+                    url = ref.get("url") if isinstance(ref, dict) else ref
+                    urls.append(url if isinstance(url, str) else "")
+        return urls
 
     def prompt(self) -> str:
         texts = []

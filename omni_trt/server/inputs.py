@@ -1,0 +1,98 @@
+"""Input images of edit requests, as pure functions: bytes -> a checked PIL image, every problem a
+400 naming the field. Decoding is bounded: the pixel count is read from the header and checked
+before any pixel is decoded (a decompression bomb never expands), truncated files fail, odd modes
+(CMYK, palette, 16-bit, with alpha) are converted."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+from ..errors import RequestError
+
+MAX_INPUT_IMAGES = 16  # OpenAI's image[] limit
+_DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[a-z0-9=.+-]+)*;base64,(.*)", re.I | re.S)
+
+
+def open_image(data: bytes, param: str, max_pixels: int) -> Any:
+    """An RGB image from encoded bytes (PNG, JPEG, WebP, ...)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise RequestError(f"{param} is empty: send an image file (PNG, JPEG or WebP)", param)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            _check_pixels(im.size, param, max_pixels)
+            im.load()
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(f"{param} is not an image this server reads (PNG, JPEG, WebP, ...)", param) from None
+    except (OSError, SyntaxError, ValueError):  # truncated or corrupt data
+        raise RequestError(f"{param} could not be decoded: the file is truncated or corrupt", param) from None
+    return im
+
+
+def _check_pixels(size: tuple[int, int], param: str, max_pixels: int) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise RequestError(f"{param} has no pixels", param)
+    if w * h > max_pixels:
+        raise RequestError(f"{param} is {w}x{h} = {w * h / 1e6:.1f} megapixels, more than this server decodes "
+                           f"({max_pixels / 1e6:.1f}; --max-input-megapixels)", param)
+
+
+def as_rgb(im: Any) -> Any:
+    """Any mode to RGB; transparency is composited over white (the models see no alpha)."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: scale to 8 bits first
+        return im.point(lambda v: v / 256).convert("L").convert("RGB")
+    return im.convert("RGB")
+
+
+def edit_mask(data: bytes, size: tuple[int, int], max_pixels: int, param: str = "mask") -> Any:
+    """OpenAI's mask: a PNG whose fully transparent pixels mark where to edit, the size of the
+    (first) image. Returned as diffusers wants it: an L image, white where the model repaints."""
+    im = open_image(data, param, max_pixels)
+    if im.size != tuple(size):
+        raise RequestError(f"{param} is {im.size[0]}x{im.size[1]}; it must be the size of the image, {size[0]}x{size[1]}", param)
+    if im.mode not in ("RGBA", "LA", "PA") and not (im.mode == "P" and "transparency" in im.info):
+        raise RequestError(f"{param} has no alpha channel: send a PNG whose fully transparent pixels mark where to edit", param)
+    alpha = im.convert("RGBA").getchannel("A")
+    return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
+def decode_data_url(url: str, param: str) -> bytes:
+    """The bytes of a `data:image/...;base64,...` URL."""
+    m = _DATA_URL.fullmatch(url.strip())
+    if not m:
+        raise RequestError(f"{param} must be a data:image/...;base64,... URL", param)
+    try:
+        return base64.b64decode(m.group(3), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{param} holds invalid base64", param) from None
+
+
+def check_remote_url(url: str, allowed_hosts: Iterable[str], param: str) -> None:
+    """Remote images are fetched only from hosts the operator allowed (--allow-image-host): a
+    server that fetches any URL a client names can be made to reach anything it can reach."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise RequestError(f"{param}: only data: URLs (and http(s) URLs of allowed hosts) are accepted", param)
+    if (parts.hostname or "").lower() not in {h.lower() for h in allowed_hosts}:
+        raise RequestError(f"{param}: this server does not fetch remote images (host {parts.hostname!r} is not allowed); "
+                           "send the image inline as a data: URL", param)
