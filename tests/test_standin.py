@@ -1,6 +1,12 @@
 """The stand-ins' shared prep cache (reused while hot, bounded for a long-running server), and the
 VAE stand-in that answers both decode and encode."""
 
+import pytest
+import torch
+
+from omni_trt.errors import ComponentNotBuilt
+from omni_trt.models import FAMILIES
+from omni_trt.models.base import Point
 from omni_trt.models.standin import PrepCache
 
 
@@ -22,12 +28,6 @@ def test_prep_cache_reuses_and_evicts_the_least_recently_used():
 
 
 # ---- the VAE stand-in: decoder and encoder engines behind one `vae` ----
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from omni_trt.errors import ComponentNotBuilt  # noqa: E402
-from omni_trt.models import FAMILIES  # noqa: E402
 
 
 class _Fixed:
@@ -51,15 +51,17 @@ def test_one_vae_standin_answers_decode_and_encode(family):
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     fam = FAMILIES[family]
-    frame = (1,) if family == "qwen-image" else ()
-    latent = (2, 4, *frame, 3, 5)
+    # Shapes from the spec (Qwen-Image's have a frame axis), at 4 latent channels.
+    point = Point(2, 24, 40, 1)
+    image, spec_latent = fam.components["vae_encoder"].shapes(point)["image"], fam.components["vae_decoder"].shapes(point)["latent"]
+    latent = (spec_latent[0], 4, *spec_latent[2:])
     mean, logvar = torch.randn(latent), torch.full(latent, -2.0)
-    decoder, encoder = _Fixed(image=torch.zeros(2, 3, *frame, 24, 40)), _Fixed(mean=mean, logvar=logvar)
-    config = QWEN_VAE if family == "qwen-image" else AKL_VAE
+    decoder, encoder = _Fixed(image=torch.zeros(image)), _Fixed(mean=mean, logvar=logvar)
+    config = QWEN_VAE if len(image) == 5 else AKL_VAE
     standins = fam.standins({"vae": config}, {"vae_decoder": decoder, "vae_encoder": encoder})
     assert list(standins) == ["vae"]  # both components, one module for the pipeline's `vae`
     vae = standins["vae"]
-    x = torch.zeros(2, 3, *frame, 24, 40)
+    x = torch.zeros(image)
     dist = vae.encode(x).latent_dist
     assert isinstance(dist, DiagonalGaussianDistribution) and torch.equal(dist.mode(), mean)
     sampled = dist.sample(torch.Generator().manual_seed(0))
@@ -70,7 +72,7 @@ def test_one_vae_standin_answers_decode_and_encode(family):
     assert vae.decode(torch.zeros(latent), return_dict=False, generator=None)[0].shape == x.shape
     assert vae.decode(torch.zeros(latent)).sample.shape == x.shape
     assert encoder.fed == [{"image": x.shape}] * 2 and decoder.fed == [{"latent": latent}] * 2
-    if family == "qwen-image":
+    if len(image) == 5:  # a frame axis: one frame only
         with pytest.raises(ValueError, match="one frame"):
             vae.encode(torch.zeros(2, 3, 2, 24, 40))
 

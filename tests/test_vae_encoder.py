@@ -47,9 +47,10 @@ def _mask() -> Image.Image:
 
 
 def _pixels(family: str, batch: int, height: int, width: int) -> torch.Tensor:
-    """What the edit pipelines pass to vae.encode: pixels in [-1, 1] (Qwen-Image: one frame)."""
-    frame = (1,) if family == "qwen-image" else ()
-    return torch.rand((batch, 3, *frame, height, width), generator=torch.Generator().manual_seed(height + width)) * 2 - 1
+    """What the edit pipelines pass to vae.encode: pixels in [-1, 1], in the spec's layout
+    (Qwen-Image's has a frame axis)."""
+    shape = FAMILIES[family].components["vae_encoder"].shapes(Point(batch, height, width, 1))["image"]
+    return torch.rand(shape, generator=torch.Generator().manual_seed(height + width)) * 2 - 1
 
 
 @pytest.fixture(scope="module")
