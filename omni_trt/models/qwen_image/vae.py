@@ -21,6 +21,8 @@ from ..base import ComponentSpec, Engine, Point, ReferenceCase, TensorSpec
 
 FACTOR = 8  # pixels per latent cell: len(temperal_downsample) == 3 down stages
 REAL_Z_DIM = 16
+LATENT_DIMS = {0: "batch", 3: "latent_height", 4: "latent_width"}  # axis 2: the one frame
+IMAGE_DIMS = {0: "batch", 3: "height", 4: "width"}
 
 
 def _latent_shape(z_dim: int):
@@ -160,8 +162,8 @@ def vae_decoder_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:
     return ComponentSpec(
         name="vae_decoder",
         pipeline_attr="vae",
-        inputs=(TensorSpec("latent", _latent_shape(z_dim), {0: "batch", 3: "latent_height", 4: "latent_width"}),),
-        outputs=(TensorSpec("image", _image_shape, {0: "batch", 3: "height", 4: "width"}),),
+        inputs=(TensorSpec("latent", _latent_shape(z_dim), LATENT_DIMS),),
+        outputs=(TensorSpec("image", _image_shape, IMAGE_DIMS),),
         wrapper=_wrapper,
         reference_case=_reference_case,
         standin=_standin,
@@ -172,12 +174,11 @@ def vae_decoder_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:
 def vae_encoder_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:
     """The VAE encoder component (edits); `config` fixes z_dim (None: the released model, 16)."""
     latent = _latent_shape((config or {}).get("z_dim", REAL_Z_DIM))
-    dims = {0: "batch", 3: "latent_height", 4: "latent_width"}
     return ComponentSpec(
         name="vae_encoder",
         pipeline_attr="vae",
-        inputs=(TensorSpec("image", _image_shape, {0: "batch", 3: "height", 4: "width"}),),
-        outputs=(TensorSpec("mean", latent, dims), TensorSpec("logvar", latent, dims)),
+        inputs=(TensorSpec("image", _image_shape, IMAGE_DIMS),),
+        outputs=(TensorSpec("mean", latent, LATENT_DIMS), TensorSpec("logvar", latent, LATENT_DIMS)),
         wrapper=_encoder_wrapper,
         reference_case=_encoder_reference_case,
         part_of="vae_decoder",  # both replace `vae`: one stand-in answers decode and encode
