@@ -61,6 +61,13 @@ class EngineDirError(OmniError):
     status = 503
 
 
+class ComponentNotBuilt(EngineDirError):
+    """A call that needs an engine the engine dir was built without (the VAE encoder, for edits):
+    HTTP 501, since this server cannot do it until the operator runs the command in the message."""
+
+    status = 501
+
+
 class ManifestError(EngineDirError):
     """A manifest that is missing, unreadable or does not follow the schema."""
 

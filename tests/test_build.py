@@ -57,7 +57,8 @@ def test_build_writes_onnx_engines_manifest(built, name):
     m = Manifest.read(engine_dir).to_json()
     assert report.wrote
     assert m["model"]["family"] == name and m["model"]["id"] == str(Path(model).resolve())
-    assert set(m["components"]) == set(family.components)
+    # transformer, VAE decoder and VAE encoder, by default
+    assert set(m["components"]) == set(family.components) == {"transformer", "vae_decoder", "vae_encoder"}
     assert Manifest.read(engine_dir).verify(engine_dir) == []
     for comp_name, comp in m["components"].items():
         spec = family.components[comp_name]
@@ -228,10 +229,11 @@ def test_force_rebuilds_and_keeps_other_components(built, tmp_path):
     after = _stamps(engine_dir)
     for rel in (onnx_relpath("vae_decoder"), plan_relpath("vae_decoder")):
         assert after[rel] != before[rel]
-    for rel in (onnx_relpath("transformer"), plan_relpath("transformer")):
-        assert after[rel] == before[rel]
+    for name in ("transformer", "vae_encoder"):  # the encoder replaces `vae` too, and is kept all the same
+        for rel in (onnx_relpath(name), plan_relpath(name)):
+            assert after[rel] == before[rel]
     m = Manifest.read(engine_dir).to_json()
-    assert set(m["components"]) == {"transformer", "vae_decoder"}
+    assert set(m["components"]) == {"transformer", "vae_decoder", "vae_encoder"}
     assert Manifest.read(engine_dir).verify(engine_dir) == []
 
 
@@ -270,7 +272,7 @@ def test_inspect_prints_manifest(built, capsys):
     _, engine_dir, _ = built("z-image")
     assert _run_cli(["inspect", str(engine_dir)]) == 0
     out = capsys.readouterr()
-    assert "[transformer]" in out.out and "[vae_decoder]" in out.out and "tensorrt-rtx" in out.out
+    assert all(f"[{c}]" in out.out for c in ("transformer", "vae_decoder", "vae_encoder")) and "tensorrt-rtx" in out.out
     assert "match their sha256" in out.err
     assert _run_cli(["inspect", str(engine_dir), "--json", "--no-verify"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["family"] == "z-image"

@@ -51,7 +51,8 @@ def torch_runtimes(tiny_dir):
 def test_onnxruntime_engines_serve_the_same_images_as_torch(family, built, torch_runtimes):
     model, engine_dir, _ = built(family)
     rt = load_runtime(None, engine_dir, "onnxruntime")
-    assert rt.kind == "onnxruntime" and set(rt.components) == {"transformer", "vae_decoder"}
+    assert rt.kind == "onnxruntime" and set(rt.components) == {"transformer", "vae_decoder", "vae_encoder"}
+    assert rt.edit_unavailable is None
     for attr in ("transformer", "vae"):
         module = getattr(rt.pipe, attr)
         assert type(module).__name__.endswith("StandIn") and not list(module.parameters()), "replaced weights must not be loaded"
@@ -79,7 +80,7 @@ def test_requests_beyond_the_engine_batch_are_chunked_with_the_same_images(built
     _, engine_dir, _ = built("z-image")
     rt = load_runtime(None, engine_dir, "onnxruntime")
     # max batch 2 images: the transformer profile goes to 4 so CFG (batch doubled) still takes 2.
-    assert rt.swap.batch_limits == {"transformer": 4, "vae_decoder": 2}
+    assert rt.swap.batch_limits == {"transformer": 4, "vae_decoder": 2, "vae_encoder": 2}
     assert rt.max_images(0.0) == 2 and rt.max_images(3.0) == 2
     req = resolve(rt.family, "a boat", size="64x64", steps=2, n=5, seed=40)
     result = rt.generate([req])
@@ -142,7 +143,7 @@ def test_mismatched_or_tampered_engine_dirs_are_refused_with_the_rebuild_command
 
     typed = Manifest.model_validate(m)
     assert typed.model_mismatches(model, configs_only=True) == []
-    assert [p.split(":")[0] for p in typed.model_mismatches(changed_model, configs_only=True)] == ["vae_decoder"]
+    assert [p.split(":")[0] for p in typed.model_mismatches(changed_model, configs_only=True)] == ["vae_decoder", "vae_encoder"]
     with pytest.raises(EngineDirError, match="not found: build engines with `omni build-engine"):
         load_runtime(None, tmp_path, "onnxruntime")
 

@@ -92,11 +92,25 @@ def test_component_dtype_keeps_vae_out_of_fp16():
 
 
 def test_resolve_components():
-    assert resolve_components(ZI, None) == ["transformer", "vae_decoder"]
+    # Every family builds the VAE encoder (edits) by default; a text-to-image build names the two others.
+    for family in FAMILIES.values():
+        assert resolve_components(family, None) == ["transformer", "vae_decoder", "vae_encoder"]
+    assert resolve_components(ZI, "transformer,vae_decoder") == ["transformer", "vae_decoder"]
     assert resolve_components(ZI, "vae_decoder") == ["vae_decoder"]
-    assert resolve_components(ZI, "vae_decoder, transformer") == ["transformer", "vae_decoder"]
-    with pytest.raises(ValueError, match="choose from: transformer, vae_decoder"):
+    assert resolve_components(ZI, "vae_encoder, transformer") == ["transformer", "vae_encoder"]
+    with pytest.raises(ValueError, match="choose from: transformer, vae_decoder, vae_encoder"):
         resolve_components(ZI, "unet")
+
+
+def test_encoder_profile_is_the_decoders_in_pixels():
+    """The encoder takes images at the request size and gives the decoder's latents; batch in images."""
+    sizes, text = ((64, 64), (128, 96), (256, 192)), (32, 128, 512)
+    enc, dec = ZI.components["vae_encoder"], ZI.components["vae_decoder"]
+    points = profile_points(ZI, "vae_encoder", sizes, 3, text)
+    assert points == profile_points(ZI, "vae_decoder", sizes, 3, text)
+    assert enc.profile(*points)["image"] == ((1, 3, 64, 64), (1, 3, 96, 128), (3, 3, 192, 256))
+    for p in points:
+        assert {t.name: t.shape(p) for t in enc.outputs} == {"mean": dec.shapes(p)["latent"], "logvar": dec.shapes(p)["latent"]}
 
 
 def test_model_slug(tmp_path):
@@ -322,6 +336,30 @@ def test_verify_and_inspect(tmp_path, capsys):
     assert any("onnx/vae_decoder.onnx: missing" in p for p in problems)
     assert _cli(["inspect", str(d)]) == 1
     assert "omni build-engine org/name" in capsys.readouterr().err
+
+
+def test_add_command_builds_a_component_as_another_was_built(tmp_path):
+    """What an engine dir without the VAE encoder tells the operator to run: the decoder's dtype,
+    sizes, batch and TensorRT flavour, so the range the dir serves does not change."""
+    data = _manifest_json()
+    data["components"]["vae_decoder"]["points"] = {
+        "min": {"batch": 1, "height": 64, "width": 64, "text_len": 1},
+        "opt": {"batch": 1, "height": 96, "width": 128, "text_len": 1},
+        "max": {"batch": 2, "height": 256, "width": 192, "text_len": 1},
+    }
+    m = Manifest.model_validate(data)
+    assert m.add_command("E", "vae_encoder", like="vae_decoder") == (
+        "omni build-engine org/name --engine-dir E --target tensorrt-rtx --components vae_encoder --dtype fp32 "
+        "--min-size 64x64 --opt-size 128x96 --max-size 192x256 --max-batch 2 --opt-level 0"
+    )
+    engine = data["components"]["vae_decoder"]["engine"]
+    engine.update(compute_capabilities=["8.6", "8.9"], compute_capabilities_source="requested")
+    assert Manifest.model_validate(data).add_command("E", "vae_encoder", "vae_decoder").endswith("--max-batch 2 --opt-level 0 --compute-capability 8.6,8.9")
+    data["components"]["vae_decoder"]["engine"] = None
+    assert Manifest.model_validate(data).add_command("E", "vae_encoder", "vae_decoder") == (
+        "omni build-engine org/name --engine-dir E --components vae_encoder --dtype fp32 "
+        "--min-size 64x64 --opt-size 128x96 --max-size 192x256 --max-batch 2 --onnx-only"
+    )
 
 
 def test_read_errors(tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from omni_trt.compiler.export import relative_error
 from omni_trt.demo import builders
 from omni_trt.demo import qwen_image as qwen_real
 from omni_trt.demo import z_image as z_real
@@ -150,7 +151,8 @@ class TorchEngine:
 
     def __call__(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {self.output_names[0]: self.module(*(feeds[n] for n in self.input_names))}
+            out = self.module(*(feeds[n] for n in self.input_names))
+        return dict(zip(self.output_names, out if isinstance(out, tuple) else (out,)))
 
 
 def _safetensors_dtypes(folder: Path) -> set[str]:
@@ -197,13 +199,20 @@ def test_builder_end_to_end_at_full_width_one_layer(name, tmp_path):
     # The family's specs (the real feature dims) describe this model, and its export wrappers
     # behind the stand-ins reproduce the original modules inside the unmodified pipeline.
     point = Point(batch=1, height=64, width=64, text_len=32)
+    engines, cases = {}, {}
     for component in COMPONENTS:
         spec = family.components[component]
         module = getattr(pipe, spec.pipeline_attr)
-        case = spec.reference_case(module, point, torch.float32, torch.Generator().manual_seed(1))
-        assert {k: tuple(v.shape) for k, v in case.inputs.items()} == spec.shapes(point)
-        standin = spec.standin(dict(module.config), TorchEngine(spec.wrapper(module).eval(), spec))
-        setattr(pipe, spec.pipeline_attr, standin.with_dtype(torch.float32))
+        cases[component] = spec.reference_case(module, point, torch.float32, torch.Generator().manual_seed(1))
+        assert {k: tuple(v.shape) for k, v in cases[component].inputs.items()} == spec.shapes(point)
+        engines[component] = TorchEngine(spec.wrapper(module).eval(), spec)
+    configs = {attr: dict(getattr(pipe, attr).config) for attr in ("transformer", "vae")}
+    for attr, standin in family.standins(configs, engines).items():
+        setattr(pipe, attr, standin.with_dtype(torch.float32))
+    # The VAE encoder (edits) at full width: the single-frame rewrite equals the original encode.
+    encoded = pipe.vae.encode(cases["vae_encoder"].inputs["image"]).latent_dist
+    for name, got in (("mean", encoded.mean), ("logvar", encoded.logvar)):
+        assert relative_error(got, cases["vae_encoder"].expected[name]) < FP32_BOUND, name
     got = generate()
     assert np.abs(got - want).max() < FP32_BOUND
     # Only meaningful if the prompt reaches the pixels through the text encoder and transformer.

@@ -167,13 +167,18 @@ def test_one_layer_full_width_builds_loads_and_generates(family, tmp_path):
 
     # The same step through the family's export wrapper behind its stand-in, loaded as the
     # runtime loads engines (stand-ins replace the modules; their weights are not read).
-    standins, engines = {}, {}
+    engines = {}
     for name, spec in fam.components.items():
         module = getattr(pipe, spec.pipeline_attr)
         engines[name] = TorchEngine(spec.wrapper(module).eval(), spec.input_names, spec.output_names)
-        standins[spec.pipeline_attr] = spec.standin(dict(module.config), engines[name]).with_dtype(torch.float32)
+    configs = {attr: dict(getattr(pipe, attr).config) for attr in ("transformer", "vae")}
+    standins = {attr: s.with_dtype(torch.float32) for attr, s in fam.standins(configs, engines).items()}
     got = generate(load_pipeline(str(out), LoadOptions(device="cpu", dtype="fp32"), fam, EngineSwap("torch-wrapper", standins)).pipe)
-    assert {name: e.calls for name, e in engines.items()} == {"transformer": 1, "vae_decoder": 1}
+    assert {name: e.calls for name, e in engines.items()} == {"transformer": 1, "vae_decoder": 1, "vae_encoder": 0}
+    # The VAE encoder (edits) at full width, through the stand-in, against the original encode.
+    case = fam.components["vae_encoder"].reference_case(pipe.vae, Point(1, 64, 64, 1), torch.float32, torch.Generator().manual_seed(1))
+    encoded = standins["vae"].encode(case.inputs["image"]).latent_dist
+    assert relative_error(encoded.mean, case.expected["mean"]) < 1e-4 and relative_error(encoded.logvar, case.expected["logvar"]) < 1e-4
     err = relative_error(got, want)
     print(f"{family} 1-layer full width: build {built:.1f}s, load {loaded:.1f}s, 1 step {generated:.1f}s, "
           f"stand-in rel err {err:.1e}, build peak RSS {peak:.2f} GiB")

@@ -13,9 +13,10 @@ def add_parsers(subparsers: Any) -> None:
 
     p = subparsers.add_parser(
         "build-engine",
-        help="export a pipeline's transformer and VAE decoder to ONNX and compile TensorRT engines",
+        help="export a pipeline's transformer, VAE decoder and VAE encoder to ONNX and compile TensorRT engines",
         description=(
-            "Export the denoiser (transformer) and VAE decoder of a diffusers text-to-image pipeline to ONNX, "
+            "Export the denoiser (transformer), VAE decoder and VAE encoder (used by image edits only) of a diffusers "
+            "text-to-image pipeline to ONNX, "
             "check each export against the original diffusers forward, and compile TensorRT engines with one "
             "optimization profile covering the sizes and batches given here. A second run with the same inputs "
             "does nothing; a changed input redoes only what it affects. The engine dir's manifest.json records "
@@ -26,7 +27,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--engine-dir", default=None, help="output folder (default: engines/<model-slug>/)")
     p.add_argument(
         "--components", default=None,
-        help="comma-separated components to build, e.g. transformer,vae_decoder (default: all the family exports)",
+        help="comma-separated components to build: transformer, vae_decoder, vae_encoder (default: all three; "
+        "transformer,vae_decoder serves generations but not edits)",
     )
     p.add_argument("--onnx-only", action="store_true", help="export and validate ONNX only; needs no TensorRT")
     p.add_argument("--force", action="store_true", help="redo everything even if the manifest says it is up to date")

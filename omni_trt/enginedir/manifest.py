@@ -288,6 +288,23 @@ class Manifest(_Entry):
         target = f" --target {flavors.pop()}" if len(flavors) == 1 else ""
         return f"omni build-engine {self.model.id} --engine-dir {engine_dir}{target}"
 
+    def add_command(self, engine_dir: Path | str, component: str, like: str) -> str:
+        """The command that adds `component` to this engine dir built as the VAE component `like`
+        was (dtype, sizes, batch, TensorRT targets and level), so the range the dir serves stays."""
+        c = self.components[like]
+        lo, opt, hi = c.points.min, c.points.opt, c.points.max
+        flags = (
+            f" --components {component} --dtype {c.dtype} --min-size {lo.width}x{lo.height}"
+            f" --opt-size {opt.width}x{opt.height} --max-size {hi.width}x{hi.height} --max-batch {hi.batch}"
+        )
+        if c.engine is None:
+            flags += " --onnx-only"
+        else:
+            flags += f" --opt-level {c.engine.opt_level}"
+            if c.engine.compute_capabilities_source == "requested" and c.engine.compute_capabilities:
+                flags += f" --compute-capability {','.join(c.engine.compute_capabilities)}"
+        return self.rebuild_command(engine_dir) + flags
+
 
 def schema_problems(e: ValidationError, limit: int = 5) -> str:
     """'components.transformer.points.max.foo: Extra inputs are not permitted; ...'"""

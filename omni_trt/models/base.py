@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 if TYPE_CHECKING:  # torch is heavy; the server's pure parts import this module too
     import torch
 
-COMPONENTS = ("transformer", "vae_decoder")
+# Build order; the VAE encoder (edits only) comes last, so a text-to-image engine dir is the first two.
+COMPONENTS = ("transformer", "vae_decoder", "vae_encoder")
+EDIT_TASKS = ("img2img", "inpaint")  # no mask: image-to-image; a mask: inpainting
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,19 @@ class ReferenceCase:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """One exportable component (the transformer or the VAE decoder) of a family.
+    """One exportable component (the transformer, the VAE decoder or the VAE encoder) of a family.
 
     pipeline_attr: the pipeline attribute holding the module ("transformer" or "vae").
     wrapper(module): a tensor-only nn.Module; forward takes the inputs in `inputs` order and
         returns the outputs in `outputs` order (a tensor or a tuple of tensors).
     reference_case(module, point, dtype, generator): random original inputs at `point`, run
         through the original forward; the same values prepared for the wrapper.
-    standin(config, engine): a module the pipeline can call in place of the original (same
-        signature and return type), built from the component's config alone (no weights).
+    standin(config, engine, **parts): a module the pipeline can call in place of the original
+        (same signature and return type), built from the component's config alone (no weights).
+    part_of: the component whose stand-in also answers for this one, where both replace the same
+        pipeline attribute (the VAE encoder is part of the VAE decoder's `vae` stand-in); this
+        component has no stand-in of its own, and its engine reaches the owner's `standin` as the
+        keyword argument named after it (None there: built without it).
     allow_fp16: False where fp16 is known to be inaccurate (Flux-style VAEs).
     """
 
@@ -104,7 +110,8 @@ class ComponentSpec:
     outputs: tuple[TensorSpec, ...]
     wrapper: Callable[[Any], Any]
     reference_case: Callable[..., ReferenceCase]
-    standin: Callable[[Mapping[str, Any], Engine], Any] | None = None
+    standin: Callable[..., Any] | None = None
+    part_of: str | None = None
     allow_fp16: bool = True
 
     @property
@@ -152,6 +159,30 @@ def plain_count(pipe: Any, tokenizer: Any, text: str) -> int:
 
 
 @dataclass(frozen=True)
+class Edits:
+    """How a family edits images: diffusers' own Img2Img and Inpaint pipelines (class names in
+    `diffusers`), built with `from_pipe` over the text-to-image pipeline's modules, and the default
+    `strength` per task (those pipelines' own defaults in diffusers 0.42)."""
+
+    img2img_pipeline: str
+    inpaint_pipeline: str
+    img2img_strength: float = 0.6
+    inpaint_strength: float = 0.6
+
+    def pipeline_class(self, task: str) -> str:
+        return {"img2img": self.img2img_pipeline, "inpaint": self.inpaint_pipeline}[_task(task)]
+
+    def strength(self, task: str) -> float:
+        return {"img2img": self.img2img_strength, "inpaint": self.inpaint_strength}[_task(task)]
+
+
+def _task(task: str) -> str:
+    if task not in EDIT_TASKS:
+        raise ValueError(f"edit task {task!r}: choose one of {', '.join(EDIT_TASKS)}")
+    return task
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything about one model family, declared once.
 
@@ -167,6 +198,7 @@ class Family:
         pipeline's scheduler steps on (packed for Flux/Qwen-Image), decoded as the pipeline does
         after its loop (unpack, unscale, VAE, postprocess): what previews of a step are made of.
     pixels_per_token: image pixels per side of one transformer token (VAE x8, 2x2 patches).
+    edits: its image-to-image and inpainting pipelines and default strengths.
     sample_points: two distinct points (every dynamic dim > 1 and different) used for export
         and validation; None lets export derive them from the size rules.
     """
@@ -181,6 +213,7 @@ class Family:
     components: Mapping[str, ComponentSpec]
     prompt: PromptRules
     decode_latents: Callable[[Any, Any, int, int], list[Any]]
+    edits: Edits
     sample_points: tuple[Point, Point] | None = None
     pixels_per_token: int = 16
 
@@ -195,3 +228,22 @@ class Family:
             return images
         scale = self.defaults.guidance_scale if guidance_scale is None else guidance_scale
         return images * 2 if scale is not None and scale > self.cfg_batch_above else images
+
+    def standins(self, configs: Mapping[str, Mapping[str, Any]], engines: Mapping[str, Engine],
+                 missing: Callable[[str], Engine | None] = lambda name: None) -> dict[str, Any]:
+        """Stand-in modules per pipeline attribute for the components in `engines`: one per
+        attribute, built by the component owning it with the engines of the components that are
+        part of it (`missing(name)` for those not in `engines`). configs: pipeline attr -> config."""
+        orphans = [n for n in engines if self.components[n].part_of is not None and self.components[n].part_of not in engines]
+        if orphans:
+            raise ValueError(f"{', '.join(orphans)} run inside the stand-in of {', '.join(self.components[n].part_of for n in orphans)}: give that engine too")
+        out: dict[str, Any] = {}
+        for name, engine in engines.items():
+            spec = self.components[name]
+            if spec.part_of is not None:
+                continue
+            if spec.standin is None:
+                raise ValueError(f"{self.name} {name} has no engine stand-in")
+            parts = {p: engines[p] if p in engines else missing(p) for p, s in self.components.items() if s.part_of == name}
+            out[spec.pipeline_attr] = spec.standin(configs[spec.pipeline_attr], engine, **parts)
+        return out

@@ -5,6 +5,7 @@ PyTorch components they replace.
 - OnnxRuntimeEngine: the exported ONNX graph on CPU (or CUDA with onnxruntime-gpu).
 - ProfiledEngine: checks every call against the built profile first, so a shape the engine was
   not built for is a clear request error rather than a TensorRT failure deep in a batch.
+- MissingEngine: a component the engine dir was built without; a call says what to build.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import ort
-from ..errors import EngineDirError, OutOfProfile
+from ..errors import ComponentNotBuilt, EngineDirError, OutOfProfile
 
 _ORT_TYPES = {
     "tensor(float)": torch.float32,
@@ -141,3 +142,19 @@ class ProfiledEngine:
     def __call__(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check(feeds)
         return self.engine(feeds)
+
+
+class MissingEngine:
+    """Where a stand-in expects an engine the engine dir lacks (the VAE encoder of a text-to-image
+    build): everything else serves, and a call raises ComponentNotBuilt with `message` (what to build)."""
+
+    kind = "missing"
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+    def __init__(self, component: str, message: str) -> None:
+        self.component = component
+        self.message = message
+
+    def __call__(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise ComponentNotBuilt(self.message)

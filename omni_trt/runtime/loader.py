@@ -1,5 +1,5 @@
 """Load what `omni serve` / `omni generate` run: the plain pipeline, or the pipeline with the
-engines of an engine dir swapped in for its transformer and VAE decoder.
+engines of an engine dir swapped in for its transformer and VAE (decoder, and encoder for edits).
 
 Every refusal happens here, before a request is taken, and says what differs and the command
 that rebuilds.
@@ -17,7 +17,7 @@ from ..dtypes import torch_dtype
 from ..enginedir import Manifest, trt_flavor
 from ..errors import EngineDirError
 from ..models import Family, SizeLimits, detect_family, family_by_name
-from .engines import OnnxRuntimeEngine, ProfiledEngine, TensorRTEngine
+from .engines import MissingEngine, OnnxRuntimeEngine, ProfiledEngine, TensorRTEngine
 from .pipeline import EngineSwap, LoadOptions, PipelineRuntime, default_device, load_pipeline
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,12 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         raise EngineDirError(f"{engine_dir} lists components {family.name} does not have ({', '.join(unknown)}); rebuild: {_rebuild(m, engine_dir)}")
     if detect_family(model).name != family.name:
         raise EngineDirError(f"{model} is no longer a {family.pipeline_class}; rebuild: {_rebuild(m, engine_dir)}")
+    for name in m.components:
+        owner = family.components[name].part_of
+        if owner is not None and owner not in m.components:
+            raise EngineDirError(
+                f"{engine_dir} has {name} but not {owner}, whose stand-in runs it; add it: {m.add_command(engine_dir, owner, like=name)}"
+            )
     if runtime == "torch":
         log.info("--runtime torch: serving %s without the engines in %s", model, engine_dir)
         return load_pipeline(model, options, family)
@@ -145,17 +151,29 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         if len(flavors) != 1:
             raise EngineDirError(f"components were built with different TensorRT flavours ({', '.join(sorted(flavors))}); rebuild: {_rebuild(m, engine_dir)}")
         trt = trt_flavor.FLAVORS[flavors.pop()].import_module()
-    replacements: dict[str, Any] = {}
+    engines: dict[str, ProfiledEngine] = {}
     for name, entry in m.components.items():
         spec = family.components[name]
-        if spec.standin is None:
+        if spec.part_of is None and spec.standin is None:
             raise EngineDirError(f"{family.name} {name} has no engine stand-in yet; serve with --runtime torch")
         if kind == "tensorrt":
             engine = TensorRTEngine(engine_dir / entry.engine.path, trt, device)
         else:
             engine = OnnxRuntimeEngine(engine_dir / entry.onnx.path, ["CPUExecutionProvider"] if device == "cpu" else None)
-        standin = spec.standin(_component_config(model_dir, spec.pipeline_attr), ProfiledEngine(engine, entry.shape_ranges(), name))
-        replacements[spec.pipeline_attr] = standin.with_dtype(torch_dtype(entry.dtype))
+        engines[name] = ProfiledEngine(engine, entry.shape_ranges(), name)
+    # Parts of a stand-in this dir was built without (today only the VAE encoder, which only edits
+    # use): generations serve, and a call that needs one says what to build.
+    missing = {
+        name: f"{engine_dir} was built without the {name}, so this server cannot edit images (it still generates them); "
+              f"add it: {m.add_command(engine_dir, name, like=spec.part_of)}"
+        for name, spec in family.components.items()
+        if spec.part_of in m.components and name not in m.components
+    }
+    configs = {family.components[n].pipeline_attr: _component_config(model_dir, family.components[n].pipeline_attr) for n in m.components}
+    standins = family.standins(configs, engines, lambda name: MissingEngine(name, missing[name]))
+    owners = {family.components[n].pipeline_attr: entry for n, entry in m.components.items() if family.components[n].part_of is None}
+    # The stand-in feeds its engines in the dtype of the component that owns the attribute.
+    replacements = {attr: standin.with_dtype(torch_dtype(owners[attr].dtype)) for attr, standin in standins.items()}
     swap = EngineSwap(
         kind=kind,
         replacements=replacements,
@@ -164,6 +182,7 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         limits=engine_limits(family, m, engine_dir),
         profile={name: {k: getattr(c.points, k).model_dump() for k in ("min", "max")} for name, c in m.components.items()},
         call_kwargs=_text_kwargs(family, m),
+        edit_unavailable=missing.get("vae_encoder"),
     )
     return load_pipeline(model, options, family, swap, source=str(model_dir) if local else None)
 

@@ -44,7 +44,8 @@ class EngineSwap:
     kind: what runs the swapped components ("onnxruntime", "tensorrt"); replacements: pipeline
     attribute -> stand-in module (those weights are never loaded); batch_limits: component ->
     largest batch its engine takes; limits: the sizes its profile covers; profile: the built
-    min/max points per component (for /v1/models); call_kwargs: extra pipeline kwargs."""
+    min/max points per component (for /v1/models); call_kwargs: extra pipeline kwargs;
+    edit_unavailable: why edits cannot run and the command that adds the VAE encoder (None: they can)."""
 
     kind: str
     replacements: Mapping[str, Any]
@@ -53,6 +54,7 @@ class EngineSwap:
     limits: SizeLimits | None = None  # None: the family's own
     profile: Mapping[str, Any] = field(default_factory=dict)
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    edit_unavailable: str | None = None
 
 
 class StageTimer:
@@ -143,6 +145,11 @@ class PipelineRuntime:
     @property
     def limits(self) -> SizeLimits:
         return (self.swap.limits if self.swap else None) or SizeLimits.of(self.family)
+
+    @property
+    def edit_unavailable(self) -> str | None:
+        """Why this runtime cannot edit images, with the command that fixes it; None: it can."""
+        return self.swap.edit_unavailable if self.swap else None
 
     @property
     def components(self) -> Mapping[str, str]:

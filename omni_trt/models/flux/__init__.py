@@ -1,11 +1,12 @@
 """FLUX.1 (black-forest-labs/FLUX.1-dev): FluxPipeline."""
 
-from ..autoencoder_kl import decode_packed, vae_decoder_spec
+from ..autoencoder_kl import decode_packed, vae_decoder_spec, vae_encoder_spec
 from ..base import (
     FIELD_GUIDANCE,
     FIELD_NEGATIVE_PROMPT,
     FIELD_TRUE_CFG,
     Defaults,
+    Edits,
     Family,
     PromptRules,
     SizeRules,
@@ -22,9 +23,11 @@ FAMILY = Family(
     fields=frozenset({FIELD_GUIDANCE, FIELD_TRUE_CFG, FIELD_NEGATIVE_PROMPT}),
     # T5 prompts are always padded to max_sequence_length (512).
     text_len=(512, 512, 512),
+    edits=Edits("FluxImg2ImgPipeline", "FluxInpaintPipeline"),
     cfg_batch_above=None,
-    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
-    # T5 reads the prompt (512 tokens); CLIP's 77 are truncated by the pipeline, as always for FLUX.1.
+    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16),
+                "vae_encoder": vae_encoder_spec(latent_channels=16)},
     decode_latents=decode_packed,
+    # T5 reads the prompt (512 tokens); CLIP's 77 are truncated by the pipeline, as always for FLUX.1.
     prompt=PromptRules("tokenizer_2", plain_count, lambda pipe: 512),
 )

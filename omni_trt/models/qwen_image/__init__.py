@@ -1,8 +1,8 @@
 """Qwen-Image (Qwen/Qwen-Image): QwenImagePipeline."""
 
-from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Family, PromptRules, SizeRules
+from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Edits, Family, PromptRules, SizeRules
 from .transformer import transformer_spec
-from .vae import decode_latents, vae_decoder_spec
+from .vae import decode_latents, vae_decoder_spec, vae_encoder_spec
 
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's max_sequence_length default
 
@@ -20,10 +20,11 @@ FAMILY = Family(
     size=SizeRules(multiple_of=16, min_side=64, max_side=2048),
     fields=frozenset({FIELD_TRUE_CFG, FIELD_NEGATIVE_PROMPT}),
     text_len=(1, 128, 512),
+    edits=Edits("QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline"),
     cfg_batch_above=None,
     # Specs carry the released model's static feature dims; transformer_spec(config) /
-    # vae_decoder_spec(config) give them for another config (the tiny test model).
-    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec()},
+    # vae_decoder_spec(config) / vae_encoder_spec(config) give them for another config (the tiny test model).
+    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(), "vae_encoder": vae_encoder_spec()},
     decode_latents=decode_latents,
     prompt=PromptRules("tokenizer", _count, lambda pipe: MAX_SEQUENCE_LENGTH),
 )

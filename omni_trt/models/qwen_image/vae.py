@@ -1,24 +1,28 @@
-"""The Qwen-Image VAE decoder (AutoencoderKLQwenImage.decode) for single images (one frame).
+"""The Qwen-Image VAE (AutoencoderKLQwenImage) for single images (one frame): the decoder
+(`decode`) and the encoder (`encode`, for edits).
 
-A video VAE: latents are (B, z_dim, frames, H/8, W/8) and the text-to-image pipeline always
-passes one frame and reads frame 0 of the output. For the first (only) frame:
+A video VAE: latents are (B, z_dim, frames, H/8, W/8); the text-to-image pipeline always passes one
+frame and reads frame 0 of the output, and the edit pipelines encode one frame (B, 3, 1, H, W).
+For the first (only) frame:
 - every causal 3D conv pads two zero frames in front, so only its last temporal tap sees data:
   a 2D conv with that tap's kernel is exact (a third of the conv FLOPs and no 5D conv);
-- the decoder's temporal upsamplers skip their `time_conv` on the first frame;
+- the temporal resamplers skip their `time_conv` on the first frame (the decoder's upsamplers
+  and the encoder's downsamplers alike: the first chunk only fills their feature caches);
 - `nearest-exact` x2 upsampling picks the same pixels as `nearest` (a plain ONNX Resize).
-The wrapper keeps the input/output layout of `decode` (frame axis fixed to 1).
+The wrappers keep the input/output layout of `decode`/`encode` (frame axis fixed to 1).
 """
 
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 from typing import Any, Mapping
 
 from ..base import ComponentSpec, Engine, Point, ReferenceCase, TensorSpec
 
 FACTOR = 8  # pixels per latent cell: len(temperal_downsample) == 3 down stages
 REAL_Z_DIM = 16
+LATENT_DIMS = {0: "batch", 3: "latent_height", 4: "latent_width"}  # axis 2: the one frame
+IMAGE_DIMS = {0: "batch", 3: "height", 4: "width"}
 
 
 def _latent_shape(z_dim: int):
@@ -29,9 +33,9 @@ def _image_shape(p: Point) -> tuple[int, ...]:
     return (p.batch, 3, 1, p.height, p.width)
 
 
-def _single_frame_decoder(vae: Any) -> tuple[Any, Any]:
-    """Copies of post_quant_conv and the decoder rewritten for one frame (the originals stay as
-    they are; the decoder is a small part of the VAE)."""
+def _single_frame(module: Any) -> Any:
+    """A copy of `module` (the encoder or decoder, a quant conv) rewritten for one frame; the
+    original stays as it is. Run it without feature caches."""
     import torch
     from diffusers.models.autoencoders.autoencoder_kl_qwenimage import (
         QwenImageCausalConv3d,
@@ -73,7 +77,7 @@ def _single_frame_decoder(vae: Any) -> tuple[Any, Any]:
             setattr(module, name, rewrite(child))
         return module
 
-    return rewrite(copy.deepcopy(vae.post_quant_conv)), rewrite(copy.deepcopy(vae.decoder))
+    return rewrite(copy.deepcopy(module))
 
 
 def _wrapper(vae: Any) -> Any:
@@ -84,7 +88,7 @@ def _wrapper(vae: Any) -> Any:
 
         def __init__(self, vae: Any) -> None:
             super().__init__()
-            self.post_quant_conv, self.decoder = _single_frame_decoder(vae)
+            self.post_quant_conv, self.decoder = _single_frame(vae.post_quant_conv), _single_frame(vae.decoder)
 
         def forward(self, latent: torch.Tensor) -> torch.Tensor:
             x = self.decoder(self.post_quant_conv(latent))
@@ -102,31 +106,52 @@ def _reference_case(vae: Any, point: Point, dtype: Any, generator: Any) -> Refer
     return ReferenceCase(inputs={"latent": latent}, expected={"image": image})
 
 
-def _standin(config: Mapping[str, Any], engine: Engine) -> Any:
+def _encoder_wrapper(vae: Any) -> Any:
+    import torch
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    class QwenImageVaeEncoder(torch.nn.Module):
+        """encode() of one frame up to the latent distribution's parameters: the encoder without
+        feature caches, quant_conv, and diffusers' own split into mean and (clamped) logvar."""
+
+        def __init__(self, vae: Any) -> None:
+            super().__init__()
+            self.encoder, self.quant_conv = _single_frame(vae.encoder), _single_frame(vae.quant_conv)
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            posterior = DiagonalGaussianDistribution(self.quant_conv(self.encoder(image)))
+            return posterior.mean, posterior.logvar
+
+    return QwenImageVaeEncoder(vae)
+
+
+def _encoder_reference_case(vae: Any, point: Point, dtype: Any, generator: Any) -> ReferenceCase:
+    from ..autoencoder_kl import image_case
+
+    return image_case(vae, _image_shape(point), dtype, generator)
+
+
+def _standin(config: Mapping[str, Any], engine: Engine, vae_encoder: Engine | None = None) -> Any:
     import torch
 
     from ..standin import VaeStandIn
 
     class QwenImageVaeStandIn(VaeStandIn):
-        """Answers `vae.decode(z, return_dict=False)` for one frame from an engine; no weights.
-        Exposes what QwenImagePipeline reads: config (z_dim, latents_mean/std),
-        temperal_downsample (its vae_scale_factor), dtype, device."""
+        """Answers `vae.decode(z)` and `vae.encode(x)` for one frame from engines; no weights.
+        Exposes what the Qwen-Image pipelines read: config (z_dim, latents_mean/std; the edit
+        pipelines normalise the sampled latents with them themselves), temperal_downsample (their
+        vae_scale_factor), dtype, device."""
 
         def __init__(self) -> None:
-            super().__init__(config, engine)
+            super().__init__(config, engine, vae_encoder)
             self.z_dim = config["z_dim"]
             self.temperal_downsample = list(config["temperal_downsample"])
             self.temperal_upsample = self.temperal_downsample[::-1]
             self.spatial_compression_ratio = 2 ** len(self.temperal_downsample)
 
-        def decode(self, z: torch.Tensor, return_dict: bool = True) -> Any:
-            if z.ndim != 5 or z.shape[2] != 1:
-                raise ValueError(f"the Qwen-Image VAE engine decodes one frame (B, C, 1, H, W), got {tuple(z.shape)}")
-            image = self.engine({"latent": z})["image"]
-            return (image,) if not return_dict else SimpleNamespace(sample=image)
-
-        def forward(self, z: torch.Tensor) -> torch.Tensor:
-            return self.decode(z, return_dict=False)[0]
+        def check(self, x: torch.Tensor, what: str) -> None:
+            if x.ndim != 5 or x.shape[2] != 1:
+                raise ValueError(f"the Qwen-Image VAE engine {what} one frame (B, C, 1, H, W), got {tuple(x.shape)}")
 
     return QwenImageVaeStandIn()
 
@@ -150,10 +175,25 @@ def vae_decoder_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:
     return ComponentSpec(
         name="vae_decoder",
         pipeline_attr="vae",
-        inputs=(TensorSpec("latent", _latent_shape(z_dim), {0: "batch", 3: "latent_height", 4: "latent_width"}),),
-        outputs=(TensorSpec("image", _image_shape, {0: "batch", 3: "height", 4: "width"}),),
+        inputs=(TensorSpec("latent", _latent_shape(z_dim), LATENT_DIMS),),
+        outputs=(TensorSpec("image", _image_shape, IMAGE_DIMS),),
         wrapper=_wrapper,
         reference_case=_reference_case,
         standin=_standin,
         allow_fp16=False,  # untested in fp16; bf16 or fp32 as for the Flux-style VAEs
+    )
+
+
+def vae_encoder_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:
+    """The VAE encoder component (edits); `config` fixes z_dim (None: the released model, 16)."""
+    latent = _latent_shape((config or {}).get("z_dim", REAL_Z_DIM))
+    return ComponentSpec(
+        name="vae_encoder",
+        pipeline_attr="vae",
+        inputs=(TensorSpec("image", _image_shape, IMAGE_DIMS),),
+        outputs=(TensorSpec("mean", latent, LATENT_DIMS), TensorSpec("logvar", latent, LATENT_DIMS)),
+        wrapper=_encoder_wrapper,
+        reference_case=_encoder_reference_case,
+        part_of="vae_decoder",  # both replace `vae`: one stand-in answers decode and encode
+        allow_fp16=False,
     )

@@ -1,10 +1,11 @@
 """Z-Image (Tongyi-MAI/Z-Image-Turbo): ZImagePipeline."""
 
-from ..autoencoder_kl import decode_scaled, vae_decoder_spec
+from ..autoencoder_kl import decode_scaled, vae_decoder_spec, vae_encoder_spec
 from ..base import (
     FIELD_GUIDANCE,
     FIELD_NEGATIVE_PROMPT,
     Defaults,
+    Edits,
     Family,
     Point,
     PromptRules,
@@ -38,8 +39,11 @@ FAMILY = Family(
     fields=frozenset({FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT}),
     # Captions are padded to a multiple of 32 inside the model; 512 is the pipeline's max.
     text_len=(32, 128, 512),
+    # diffusers' own edit pipelines; strengths are their defaults (ZImageInpaintPipeline's is 1.0).
+    edits=Edits("ZImageImg2ImgPipeline", "ZImageInpaintPipeline", inpaint_strength=1.0),
     cfg_batch_above=0.0,
-    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16)},
+    components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16),
+                "vae_encoder": vae_encoder_spec(latent_channels=16)},
     decode_latents=decode_scaled,
     prompt=PromptRules("tokenizer", _count, _max_tokens),
     # Image tokens and captions are both padded to multiples of 32, so the derived points (text_len

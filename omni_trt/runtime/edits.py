@@ -1,0 +1,41 @@
+"""Edits (image-to-image, inpainting) on a loaded runtime: the family's own diffusers pipelines
+(models: `Family.edits`), built with `from_pipe` over the text-to-image pipeline's modules, so the
+weights and engines are loaded once and shared by every task. The VAE stand-in's `encode` runs
+the VAE encoder engine; without one, `PipelineRuntime.edit_unavailable` says what to build."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..dtypes import torch_dtype
+from .pipeline import PipelineRuntime
+
+
+def edit_pipeline(rt: PipelineRuntime, task: str) -> Any:
+    """The family's Img2Img (task "img2img") or Inpaint ("inpaint") pipeline over `rt.pipe`'s
+    own modules: no weights are copied, so build it once per runtime and task and run it under
+    the runtime's lock, as generate() runs the text-to-image pipeline."""
+    import diffusers
+
+    from ..models.standin import EngineStandIn
+
+    cls = getattr(diffusers, rt.family.edits.pipeline_class(task))
+    # from_pipe carries over only the modules of the classes its signature names: pass the
+    # stand-ins by name. It casts every module to `dtype` (fp32 when not given), in place, and the
+    # modules are shared: the runtime's own dtype leaves them as they are.
+    standins = {name: m for name, m in rt.pipe.components.items() if isinstance(m, EngineStandIn)}
+    notes = logging.getLogger("diffusers.models.modeling_utils")
+    notes.addFilter(_cast_note)
+    try:
+        pipe = cls.from_pipe(rt.pipe, dtype=torch_dtype(rt.dtype), **standins)
+    finally:
+        notes.removeFilter(_cast_note)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _cast_note(record: logging.LogRecord) -> bool:
+    """Drop ModelMixin.to's note on every dtype cast ("modules ... kept in float32: []"): from_pipe's
+    cast to the modules' own dtype changes nothing. Every other record passes."""
+    return not record.getMessage().startswith("There are modules in")
