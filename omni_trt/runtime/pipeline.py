@@ -19,7 +19,7 @@ from .request import GenerationRequest, pipeline_kwargs
 
 log = logging.getLogger(__name__)
 
-STAGES = ("text_encode", "denoise", "vae_decode")
+STAGES = ("text_encode", "vae_encode", "denoise", "vae_decode")
 Preview = Callable[[int, int, int, Any], None]  # (request index, image index, partial index, PIL image)
 
 
@@ -114,13 +114,29 @@ class PipelineRuntime:
     # state on every call, so counting on the pipeline's own one beside the worker would race.
     _counter: Any = field(default=None, init=False, repr=False)
     _count_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _edit_pipes: dict = field(default_factory=dict, init=False, repr=False)  # task -> from_pipe pipeline, made on first use
 
     def __post_init__(self) -> None:
         # Instance attributes shadow the methods the pipeline calls on itself and its modules.
         pipe = self.pipe
         pipe.encode_prompt = _timed(pipe.encode_prompt, self._timer, "text_encode")
         pipe.vae.decode = _timed(pipe.vae.decode, self._timer, "vae_decode")
+        pipe.vae.encode = _timed(pipe.vae.encode, self._timer, "vae_encode")
         pipe.transformer.forward = _timed(pipe.transformer.forward, self._timer, "denoise")
+
+    def pipeline_for(self, task: str) -> Any:
+        """The pipeline that runs `task`: the loaded text-to-image one, or the family's edit
+        pipeline built over its modules with from_pipe (once; weights and engines are shared).
+        Called under the runtime's lock."""
+        if task == "text2img":
+            return self.pipe
+        if task not in self._edit_pipes:
+            from .edits import edit_pipeline
+
+            pipe = edit_pipeline(self, task)
+            pipe.encode_prompt = _timed(pipe.encode_prompt, self._timer, "text_encode")  # a method of its own
+            self._edit_pipes[task] = pipe
+        return self._edit_pipes[task]
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -239,12 +255,13 @@ class PipelineRuntime:
                 return tensors
 
             extra["callback_on_step_end"] = on_step
-        scheduler = self.pipe.scheduler
+        pipe = self.pipeline_for(requests[0].task)
+        scheduler = pipe.scheduler
         if previews:
-            scheduler.step = self._previewing_step(scheduler, previews, on_preview, requests[0].height, requests[0].width)
+            scheduler.step = self._previewing_step(pipe, previews, on_preview, requests[0].height, requests[0].width)
         try:
             with torch.inference_mode():
-                out = self.pipe(**pipeline_kwargs(requests), **extra)
+                out = pipe(**pipeline_kwargs(requests), **extra)
         finally:
             self._timer[0] = None
             scheduler.__dict__.pop("step", None)
@@ -252,11 +269,12 @@ class PipelineRuntime:
         seconds["total"] = time.perf_counter() - t0
         return list(out.images), seconds
 
-    def _previewing_step(self, scheduler: Any, previews: Mapping[int, list[tuple[int, int, int, int]]], on_preview: Preview,
+    def _previewing_step(self, pipe: Any, previews: Mapping[int, list[tuple[int, int, int, int]]], on_preview: Preview,
                          height: int, width: int) -> Callable[..., Any]:
         """The scheduler's own step, which also decodes the predicted clean latents at the
         preview steps. Every served family samples with flow matching, where the clean
         prediction is x0 = x_t - sigma_t * v: exact, whatever CFG the pipeline combined v from."""
+        scheduler = pipe.scheduler
         real = type(scheduler).step.__get__(scheduler)
 
         def step(model_output: Any, timestep: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
@@ -266,7 +284,7 @@ class PipelineRuntime:
                 sigma = scheduler.sigmas[scheduler.step_index - 1].to(device=sample.device, dtype=torch.float32)
                 x0 = sample.float() - sigma * model_output.float()
                 rows = torch.tensor([w[0] for w in wanted], device=sample.device)
-                images = self.family.decode_latents(self.pipe, x0[rows].to(sample.dtype), height, width)
+                images = self.family.decode_latents(pipe, x0[rows].to(sample.dtype), height, width)
                 for (_, index, image, partial), im in zip(wanted, images):
                     on_preview(index, image, partial, im)
             return out

@@ -74,11 +74,31 @@ class GenerationRequest:
     partial_images: int = 0  # previews to stream (0: none)
     quality: str = "auto"  # as asked; reported back
     background: str = "auto"
+    # Edits: the input image (RGB) and mask (L, white = repaint), and how much of it is redone.
+    image: Any = field(default=None, compare=False, repr=False)
+    mask: Any = field(default=None, compare=False, repr=False)
+    strength: float | None = None
     request_id: str = field(default="", compare=False)
+
+    @property
+    def task(self) -> str:
+        """text2img, or the edit task (models.base.EDIT_TASKS): img2img, inpaint (with a mask)."""
+        if self.image is None:
+            return "text2img"
+        return "inpaint" if self.mask is not None else "img2img"
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.true_cfg_scale, self.negative_prompt is None)
+        return (self.task, self.strength, self.width, self.height, self.steps, self.guidance_scale, self.true_cfg_scale,
+                self.negative_prompt is None)
+
+    @property
+    def first_step(self) -> int:
+        """The step an edit starts at: diffusers' edit pipelines skip the first (1 - strength)
+        of the schedule (t_start = int(steps - steps * strength))."""
+        if self.strength is None:
+            return 0
+        return int(max(self.steps - min(self.steps * self.strength, self.steps), 0))
 
     def image_seeds(self) -> list[int]:
         """One seed per image, from (request seed, image index): the same alone or batched."""
@@ -93,7 +113,8 @@ class GenerationRequest:
         last step excluded (that one is the final image), at most steps - 1 of them."""
         if self.partial_images <= 0:
             return []
-        picks = {max(0, (j + 1) * self.steps // (self.partial_images + 1) - 1) for j in range(self.partial_images)}
+        start, run = self.first_step, self.steps - self.first_step
+        picks = {start + max(0, (j + 1) * run // (self.partial_images + 1) - 1) for j in range(self.partial_images)}
         return sorted(p for p in picks if p < self.steps - 1)
 
 
@@ -124,6 +145,9 @@ def resolve(
     partial_images: int = 0,
     quality: str | None = None,
     background: str | None = None,
+    image: Any = None,
+    mask: Any = None,
+    strength: float | None = None,
     limits: SizeLimits | None = None,
     caps: RequestCaps | None = None,
     request_id: str = "",
@@ -147,8 +171,11 @@ def resolve(
         raise RequestError("background 'transparent' is not available: no served model makes an alpha channel; "
                            "use 'opaque' or 'auto'", "background")
     partial_images = _number("partial_images", partial_images, 0, MAX_PARTIAL_IMAGES, integer=True)
+    limits = limits or SizeLimits.of(family)
     if size == "auto":
-        size = None  # gpt-image's "auto": the family's default size
+        size = None  # gpt-image's "auto": the family's default size; for an edit, the input's
+    if size is None and image is not None and width is None and height is None:
+        width, height = limits.fit(*image.size)  # fitted to what the model (and engines) can make
     if size is not None:
         width, height = parse_size(size)
     else:
@@ -157,7 +184,7 @@ def resolve(
                 raise RequestError(f"invalid size: {name} must be a positive integer, got {v!r}", "size", status=422)
         width = width or defaults.width
         height = height or defaults.height
-    (limits or SizeLimits.of(family)).check(width, height)
+    limits.check(width, height)
     n = _number("n", n, 1, MAX_IMAGES, integer=True)
     if steps is None:  # an explicit num_inference_steps wins over quality
         steps = max(1, round(defaults.steps * QUALITY_SHARE[quality]))
@@ -177,6 +204,23 @@ def resolve(
         raise RequestError(f"output_format must be one of png, jpeg, webp, got {output_format!r}", "output_format", status=422)
     if output_compression is not None:
         output_compression = _number("output_compression", output_compression, 0, 100, integer=True)
+    if image is not None:
+        # The input at the output size: not every family's edit pipeline resizes it itself
+        # (ZImageImg2ImgPipeline takes the image's own size), so every family gets it the same.
+        if image.size != (width, height):
+            from PIL import Image
+
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+            if mask is not None:
+                mask = mask.resize((width, height), Image.Resampling.NEAREST)
+        task = "inpaint" if mask is not None else "img2img"
+        strength = family.edits.strength(task) if strength is None else _number("strength", strength, 0.0, 1.0, integer=False)
+        ran = GenerationRequest("", width, height, steps, 0, strength=strength)
+        if ran.first_step >= steps:
+            raise RequestError(f"strength {strength:g} at {steps} steps leaves no step to run: raise strength or "
+                               "num_inference_steps (an edit runs strength x steps of them)", "strength")
+    elif strength is not None or mask is not None:
+        raise RequestError("strength and mask apply to edits: send an image", "strength" if strength is not None else "mask")
     if caps.max_megapixel_steps is not None:
         cost = megapixel_steps(width, height, n, steps)
         if cost > caps.max_megapixel_steps:
@@ -200,6 +244,9 @@ def resolve(
         partial_images=partial_images,
         quality=quality,
         background=background,
+        image=image,
+        mask=mask,
+        strength=strength,
         request_id=request_id,
     )
 
@@ -228,4 +275,9 @@ def pipeline_kwargs(requests: list[GenerationRequest]) -> dict[str, Any]:
         kwargs["guidance_scale"] = first.guidance_scale
     if first.true_cfg_scale is not None:
         kwargs["true_cfg_scale"] = first.true_cfg_scale
+    if first.image is not None:  # one input image (and mask) per output image
+        kwargs["image"] = [r.image for r in requests for _ in range(r.n)]
+        kwargs["strength"] = first.strength
+        if first.mask is not None:
+            kwargs["mask_image"] = [r.mask for r in requests for _ in range(r.n)]
     return kwargs
