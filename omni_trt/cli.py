@@ -119,6 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=name, aliases=tuple(names[1:]), max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=api_key(args),
         max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout, max_prompt_tokens=args.max_prompt_tokens,
         max_megapixel_steps=args.max_megapixel_steps, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+        max_input_pixels=int(args.max_input_megapixels * 1e6), allowed_image_hosts=tuple(args.allow_image_host),
     )
     app = create_app(options, _loader(args))
     server = make_server(app, NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower()))
@@ -207,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all the model reads, e.g. 512 for Z-Image). Prompts over 32 characters per allowed token are refused untokenized")
     g.add_argument("--max-megapixel-steps", type=positive_float, default=256, metavar="MPS", help="most width x height x n x steps / 1e6 "
                    "per request, e.g. 4 images of 1024x1024 at 50 steps = 210 (default: 256)")
+    g.add_argument("--max-input-megapixels", type=positive_float, default=16.8, metavar="MP", help="largest edit input image "
+                   "(and mask), read from its header before any pixel is decoded; larger gets 400 (default: 16.8, 4096x4096)")
+    g.add_argument("--allow-image-host", action="append", default=[], metavar="HOST", help="a host chat image_url parts may name "
+                   "with http(s); repeatable. Default: none, only data: URLs (a server that fetches any URL can be aimed anywhere)")
     g.add_argument("--request-timeout", type=positive_float, default=300, metavar="S", help="seconds from arrival to answer; past it the "
                    "request gets 504 and its work stops at the next step (default: 300)")
     g = p.add_argument_group("connections and shutdown")

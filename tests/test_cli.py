@@ -76,6 +76,15 @@ def test_examples_run_unchanged_against_the_server(demo_server, tmp_path):
     r = run([sys.executable, str(ROOT / "examples/openai_client.py")], cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "horse.png").size == (512, 512) and "chat returned 1 image(s)" in r.stdout
+    r = run([sys.executable, str(ROOT / "examples/openai_edit.py")], cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    for name in ("fox-painting.png", "fox-storm.png", "fox-dawn.png"):
+        assert Image.open(tmp_path / name).size == (256, 256)
+    assert "image_edit.partial_image" in r.stdout and "image_edit.completed" in r.stdout
+    if shutil.which("curl"):
+        r = run(["bash", str(ROOT / "examples/curl_edit.sh")], cwd=tmp_path, env={**env, "PYTHON": sys.executable})
+        assert r.returncode == 0, r.stderr + r.stdout
+        assert Image.open(tmp_path / "cabin-night.png").size == Image.open(tmp_path / "cabin-lake.png").size == (256, 256)
 
 
 def test_generate_writes_the_image_the_server_would(tiny_dir, tmp_path):

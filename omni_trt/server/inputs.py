@@ -96,3 +96,28 @@ def check_remote_url(url: str, allowed_hosts: Iterable[str], param: str) -> None
     if (parts.hostname or "").lower() not in {h.lower() for h in allowed_hosts}:
         raise RequestError(f"{param}: this server does not fetch remote images (host {parts.hostname!r} is not allowed); "
                            "send the image inline as a data: URL", param)
+
+
+def fetch_image(url: str, max_bytes: int, timeout: float, param: str) -> bytes:
+    """An allowed host's image (check_remote_url first): no redirects (they could lead anywhere),
+    bounded in size and time."""
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers={"User-Agent": "omni-trt"}), timeout=timeout) as r:
+            if r.status != 200:
+                raise RequestError(f"{param}: fetching the image answered HTTP {r.status}", param)
+            data = r.read(max_bytes + 1)
+    except urllib.error.HTTPError as e:
+        raise RequestError(f"{param}: fetching the image answered HTTP {e.code}", param) from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise RequestError(f"{param}: the image could not be fetched ({type(e).__name__})", param) from None
+    if len(data) > max_bytes:
+        raise RequestError(f"{param}: the image is over this server's size limit", param)
+    return data

@@ -81,6 +81,7 @@ class ChatImageParams(ImageParams):
 
     model_config = ConfigDict(STRICT, extra="ignore")
 
+    strength: float | None = Field(None, ge=0, le=1, description="With an image in the messages: how much of it is redone (see the edits endpoint).")
     height: int | None = Field(None, gt=0, description="Image height in pixels (size wins when both are given).")
     width: int | None = Field(None, gt=0, description="Image width in pixels.")
     size: StrictStr | None = Field(None, description="'WxH' in pixels; wins over height/width.")
@@ -170,9 +171,9 @@ class ImagesResponse(BaseModel):
 
 
 class PartialImageEvent(BaseModel):
-    """An SSE `image_generation.partial_image` event's data."""
+    """An SSE `image_generation.partial_image` (or `image_edit.partial_image`) event's data."""
 
-    type: Literal["image_generation.partial_image"] = "image_generation.partial_image"
+    type: Literal["image_generation.partial_image", "image_edit.partial_image"] = "image_generation.partial_image"
     b64_json: str
     partial_image_index: int = Field(description="0-based, per image.")
     image_index: int = Field(0, description="Which of the request's n images (an extension: OpenAI streams one).")
@@ -184,9 +185,9 @@ class PartialImageEvent(BaseModel):
 
 
 class CompletedImageEvent(BaseModel):
-    """An SSE `image_generation.completed` event's data: one per image, the last one last."""
+    """An SSE `image_generation.completed` (or `image_edit.completed`) event's data: one per image, the last one last."""
 
-    type: Literal["image_generation.completed"] = "image_generation.completed"
+    type: Literal["image_generation.completed", "image_edit.completed"] = "image_generation.completed"
     b64_json: str
     image_index: int = 0
     created_at: int

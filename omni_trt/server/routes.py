@@ -3,9 +3,9 @@ Each declares its response model and its error responses, so /openapi.json docum
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 
 from ..errors import OmniError
@@ -15,6 +15,7 @@ from .protocol import (
     ChatCompletionResponse,
     ErrorResponse,
     HealthResponse,
+    ImageEditForm,
     ImageGenerationBody,
     ImagesResponse,
     ModelList,
@@ -28,12 +29,14 @@ def serving(request: Request) -> ImageServing:
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     what = {
-        400: "A request the model cannot run (size, model name, prompt)",
+        400: "A request the model cannot run (size, model name, prompt, an input image it cannot read)",
         401: "Missing or wrong API key",
+        413: "A body over the server's size limit",
         422: "A malformed body or a field of the wrong type or out of range",
         429: "The queue is full; retry after Retry-After seconds",
         500: "A server fault (details in the server log)",
-        503: "The model is not loaded yet",
+        501: "The engines cannot do this (an engine dir built without the VAE encoder: no edits)",
+        503: "The model is not loaded yet, or the server is shutting down",
     }
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 
@@ -83,6 +86,35 @@ async def images(body: ImageGenerationBody, request: Request, response: Response
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"X-Request-Id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     out, request_id = await s.create_images(request, body)
+    response.headers["X-Request-Id"] = request_id
+    return out
+
+
+EDIT_STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
+    "With stream: true. image_edit.partial_image and image_edit.completed events, as for generations.")}}}
+EDIT_ERRORS = {**GENERATE_ERRORS, **_errors(413, 501)}
+
+
+@v1.post("/images/edits", response_model=ImagesResponse, responses={**EDIT_ERRORS, 200: {"content": EDIT_STREAM}})
+async def edits(
+    request: Request,
+    response: Response,
+    form: Annotated[ImageEditForm, Form()],
+    image: Annotated[list[UploadFile] | None, File(description="The image to edit (PNG, JPEG, WebP; other modes are converted).")] = None,
+    images: Annotated[list[UploadFile] | None, File(alias="image[]", description=(
+        "Up to 16 images: each is edited on its own, n images each, in order (no served model composes several)."))] = None,
+    mask: Annotated[UploadFile | None, File(description=(
+        "A PNG the size of the (first) image whose fully transparent pixels mark where to edit: inpainting. "
+        "Without it: image-to-image."))] = None,
+    s: ImageServing = Depends(serving),
+) -> Any:
+    files = [("image", await f.read()) for f in image or []] + [("image[]", await f.read()) for f in images or []]
+    mask_bytes = await mask.read() if mask is not None else None
+    if form.stream:
+        events, request_id = await s.stream_edit(request, form, files, mask_bytes)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"X-Request-Id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    out, request_id = await s.create_edit(request, form, files, mask_bytes)
     response.headers["X-Request-Id"] = request_id
     return out
 

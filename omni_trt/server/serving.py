@@ -22,12 +22,13 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from ..errors import Cancelled, OmniError, RequestError
+from ..errors import Cancelled, ComponentNotBuilt, OmniError, RequestError
 from ..logs import escape
 from ..runtime.pipeline import STAGES, BatchResult, PipelineRuntime
-from ..runtime.request import GenerationRequest, RequestCaps, resolve
+from ..runtime.request import SEED_LIMIT, GenerationRequest, RequestCaps, resolve
 from .encoding import data_url, encode_b64
 from .metrics import Metrics
+from .inputs import MAX_INPUT_IMAGES, as_rgb, check_remote_url, decode_data_url, edit_mask, fetch_image, open_image
 from .protocol import (
     AssistantMessage,
     ChatBody,
@@ -37,6 +38,7 @@ from .protocol import (
     ChatUsage,
     CompletedImageEvent,
     ImageData,
+    ImageEditForm,
     ImageGenerationBody,
     ImagePart,
     ImagesResponse,
@@ -80,22 +82,33 @@ class ServerOptions:
     max_megapixel_steps: float | None = 256.0  # width x height x n x steps / 1e6 per request
     request_timeout_s: float = 300.0  # from arrival to answer; past it: 504 and the work stops
     drain_timeout_s: float = 30.0  # on shutdown, how long the backlog may finish
+    max_input_pixels: int = 4096 * 4096  # an edit's input image (and mask), read from its header before decoding
+    allowed_image_hosts: tuple[str, ...] = ()  # chat image_url hosts this server may fetch from; none: data: URLs only
     keepalive_s: float = 5.0  # SSE comments this often while a stream waits
     disconnect_poll_s: float = 0.1
 
 
 @dataclass(frozen=True)
 class Admitted:
-    """A request that passed every check and is queued (its job), with its prompt tokens."""
+    """A request that passed every check and is queued: one job per input image (an edit of k
+    images is k jobs of n images each; a generation is one), with its prompt tokens."""
 
-    request: GenerationRequest
-    job: Job
+    requests: list[GenerationRequest]
+    jobs: list[Job]
     prompt_tokens: int
     image_tokens: int
     arrived: float
 
+    @property
+    def request(self) -> GenerationRequest:
+        return self.requests[0]
+
+    @property
+    def images(self) -> int:
+        return sum(r.n for r in self.requests)
+
     def usage(self, images: int | None = None) -> ImageUsage:
-        out = self.image_tokens * (self.request.n if images is None else images)
+        out = self.image_tokens * (self.images if images is None else images)
         return ImageUsage(input_tokens=self.prompt_tokens, input_tokens_details=InputTokensDetails(text_tokens=self.prompt_tokens),
                           output_tokens=out, total_tokens=self.prompt_tokens + out)
 
@@ -241,35 +254,52 @@ class ImageServing:
     # ---- the shared request sequence ----
 
     async def admit(self, http_request: Request, model: str | None, prompt: Any, what: str, prompt_param: str = "prompt",
-                    stream: bool = False, **fields: Any) -> Admitted:
+                    stream: bool = False, inputs: list[tuple[Any, Any]] | None = None, **fields: Any) -> Admitted:
         """ready -> check model -> resolve and bound -> queue. Every refusal (4xx, 429, 503)
-        happens here, before a response (or a stream) starts."""
+        happens here, before a response (or a stream) starts. inputs: an edit's (image, mask)
+        pairs, each edited on its own with the next n seeds."""
         arrived = time.monotonic()
         runtime, scheduler = self.ready()
         self.check_model(model)
+        inputs = inputs or [(None, None)]
+        if inputs[0][0] is not None and runtime.edit_unavailable:
+            raise ComponentNotBuilt(runtime.edit_unavailable)
+        request_id = uuid.uuid4().hex
+        requests: list[GenerationRequest] = []
         try:
-            req = resolve(runtime.family, prompt, limits=runtime.limits, caps=self.caps, request_id=uuid.uuid4().hex, **fields)
+            for j, (image, mask) in enumerate(inputs):
+                if j:
+                    fields["seed"] = (requests[0].seed + j * requests[0].n) % SEED_LIMIT
+                requests.append(resolve(runtime.family, prompt, limits=runtime.limits, caps=self.caps, image=image, mask=mask,
+                                        request_id=request_id if not j else f"{request_id}-{j}", **fields))
         except RequestError as e:
             if e.param == "prompt":
                 e.param = prompt_param
             raise
+        req = requests[0]
         tokens = await self._check_tokens(runtime, req, prompt_param)
-        log.info("request %s %s n=%d %dx%d steps=%d seed=%d%s", req.request_id, what, req.n, req.width, req.height, req.steps,
-                 req.seed, f" stream partial_images={req.partial_images}" if stream else "")
+        log.info("request %s %s n=%d %dx%d steps=%d seed=%d%s%s", req.request_id, what, req.n, req.width, req.height, req.steps,
+                 req.seed, f" {req.task} images={len(requests)} strength={req.strength:g}" if req.image is not None else "",
+                 f" stream partial_images={req.partial_images}" if stream else "")
+        jobs: list[Job] = []
         try:
-            job = scheduler.submit(req, stream=stream)
-        except QueueFull as e:
-            e.headers = {"Retry-After": str(self.retry_after())}
+            for r in requests:
+                jobs.append(scheduler.submit(r, stream=stream))
+        except OmniError as e:
+            for job in jobs:  # all or nothing
+                scheduler.cancel(job, Cancelled("a later part of the request was refused", status=e.status))
+            if isinstance(e, QueueFull):
+                e.headers = {"Retry-After": str(self.retry_after())}
             raise
         self.metrics.queue_depth.set(scheduler.depth())
-        return Admitted(req, job, tokens, runtime.family.image_tokens(req.width, req.height), arrived)
+        return Admitted(requests, jobs, tokens, runtime.family.image_tokens(req.width, req.height), arrived)
 
     async def generate(self, http_request: Request, model: str | None, prompt: Any, what: str, prompt_param: str = "prompt",
                        **fields: Any) -> tuple[Admitted, list[str]]:
-        """admit -> wait -> encode: the request and its images, base64."""
+        """admit -> wait -> encode: the request and its images, base64, in order."""
         a = await self.admit(http_request, model, prompt, what, prompt_param, **fields)
-        result = await self._wait(a, http_request)
-        return a, await self._encode(result.images, a.request.output_format, a.request.output_compression)
+        images = await self._wait(a, http_request)
+        return a, await self._encode(images, a.request.output_format, a.request.output_compression)
 
     async def _check_tokens(self, runtime: PipelineRuntime, req: GenerationRequest, prompt_param: str) -> int:
         """Prompts the model cannot read whole are refused before they are queued (the pipelines
@@ -304,6 +334,60 @@ class ImageServing:
                              partial_images=body.partial_images, **self._image_fields(body))
         return self._events(a, http_request, "generation"), a.request.request_id
 
+    async def _edit_inputs(self, files: list[tuple[str, bytes]], mask: bytes | None) -> list[tuple[Any, Any]]:
+        """Decoded (image, mask) pairs, off the event loop; the mask goes with every image and
+        must have the first one's size."""
+        if not files:
+            raise RequestError("send the image to edit: a file in `image` (or up to 16 in `image[]`)", "image")
+        if len(files) > MAX_INPUT_IMAGES:
+            raise RequestError(f"{len(files)} images: at most {MAX_INPUT_IMAGES} per request", "image")
+        loop = asyncio.get_running_loop()
+        most = self.options.max_input_pixels
+
+        def decode() -> list[tuple[Any, Any]]:
+            images = [as_rgb(open_image(data, param, most)) for param, data in files]
+            m = edit_mask(mask, images[0].size, most) if mask is not None else None
+            return [(im, m) for im in images]
+
+        return await loop.run_in_executor(self.encode_pool, decode)
+
+    def _edit_fields(self, form: ImageEditForm) -> dict[str, Any]:
+        return dict(size=form.size, n=form.n, steps=form.num_inference_steps, guidance_scale=form.guidance_scale,
+                    true_cfg_scale=form.true_cfg_scale, negative_prompt=form.negative_prompt, seed=form.seed,
+                    output_format=form.output_format, output_compression=form.output_compression,
+                    quality=form.quality, background=form.background, strength=form.strength)
+
+    async def create_edit(self, http_request: Request, form: ImageEditForm, files: list[tuple[str, bytes]],
+                          mask: bytes | None) -> tuple[ImagesResponse, str]:
+        self.ready()
+        inputs = await self._edit_inputs(files, mask)
+        a, images = await self.generate(http_request, form.model, form.prompt, f"edit user={escape(form.user)}", inputs=inputs,
+                                        **self._edit_fields(form))
+        response = ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in images], usage=a.usage(), **a.describe())
+        return response, a.request.request_id
+
+    async def stream_edit(self, http_request: Request, form: ImageEditForm, files: list[tuple[str, bytes]],
+                          mask: bytes | None) -> tuple[AsyncIterator[str], str]:
+        self.ready()
+        inputs = await self._edit_inputs(files, mask)
+        a = await self.admit(http_request, form.model, form.prompt, f"edit user={escape(form.user)}", stream=True, inputs=inputs,
+                             partial_images=form.partial_images, **self._edit_fields(form))
+        return self._events(a, http_request, "edit"), a.request.request_id
+
+    async def _chat_images(self, urls: list[str]) -> list[tuple[str, bytes]]:
+        """The bytes of a chat's image_url parts: data: URLs, or http(s) from allowed hosts."""
+        out = []
+        for i, url in enumerate(urls):
+            param = "messages"
+            if url.startswith("data:"):
+                out.append((param, decode_data_url(url, param)))
+                continue
+            check_remote_url(url, self.options.allowed_image_hosts, param)
+            loop = asyncio.get_running_loop()
+            out.append((param, await loop.run_in_executor(self.encode_pool, fetch_image, url, self.options.max_body_bytes,
+                                                          self.options.body_timeout_s, param)))
+        return out
+
     async def create_chat(self, http_request: Request, body: ChatBody) -> tuple[ChatCompletionResponse, str]:
         self.ready()
         self.check_model(body.model)
@@ -314,11 +398,15 @@ class ImageServing:
             p = ChatImageParams.model_validate(body.params())
         except ValidationError as e:
             raise RequestValidationError(e.errors()) from None
+        urls = body.image_urls()
+        # A user image makes the chat an edit of it (vLLM-Omni's chat clients ask for edits so).
+        inputs = await self._edit_inputs(await self._chat_images(urls), None) if urls else None
         a, images = await self.generate(
             http_request, body.model, prompt, "chat", prompt_param="messages", size=p.size, width=p.width, height=p.height,
             n=p.num_outputs_per_prompt, steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
             true_cfg_scale=p.true_cfg_scale, negative_prompt=p.negative_prompt, seed=p.seed, output_format=p.output_format,
-            output_compression=p.output_compression, quality=p.quality, background=p.background,
+            output_compression=p.output_compression, quality=p.quality, background=p.background, inputs=inputs,
+            strength=p.strength,
         )
         fmt = a.request.output_format
         parts = [ImagePart(image_url=ImageURL(url=data_url(b, fmt))) for b in images]
@@ -331,13 +419,17 @@ class ImageServing:
         return response, a.request.request_id
 
     def _abandon(self, a: Admitted, reason: Cancelled) -> None:
-        """Cancel a request whose client left or whose deadline passed; counted by why and where."""
-        queued = self.scheduler.cancel(a.job, reason)
-        where = "queued" if queued else "running"
-        self.metrics.cancelled.labels(reason="disconnect" if reason.status == 499 else "deadline", where=where).inc()
-        if queued and reason.status == 499:
-            self.metrics.dropped.inc()
-        log.info("request %s cancelled while %s: %s", a.request.request_id, where, reason)
+        """Cancel a request whose client left or whose deadline passed (every unfinished part of
+        it); counted by why and where."""
+        for job, req in zip(a.jobs, a.requests):
+            if job.future.done():
+                continue
+            queued = self.scheduler.cancel(job, reason)
+            where = "queued" if queued else "running"
+            self.metrics.cancelled.labels(reason="disconnect" if reason.status == 499 else "deadline", where=where).inc()
+            if queued and reason.status == 499:
+                self.metrics.dropped.inc()
+            log.info("request %s cancelled while %s: %s", req.request_id, where, reason)
 
     def _deadline_passed(self, a: Admitted) -> Cancelled | None:
         if time.monotonic() <= a.arrived + self.options.request_timeout_s:
@@ -345,9 +437,9 @@ class ImageServing:
         return Cancelled(f"the request took longer than this server's limit of {self.options.request_timeout_s:g} s; "
                          "ask for less (fewer images or steps, a smaller size) or retry later", status=504)
 
-    def _result(self, a: Admitted) -> JobResult:
+    def _result(self, job: Job) -> JobResult:
         """The job's result, or its error as what the client may see."""
-        outcome = a.job.future.result()
+        outcome = job.future.result()
         if outcome.error is None:
             return outcome.result
         if isinstance(outcome.error, OmniError):  # the request's own fault, a deadline, a shutdown
@@ -355,74 +447,97 @@ class ImageServing:
         # A fault, logged with its traceback by the worker. Answered here rather than by the
         # catch-all handler: Starlette re-raises after that one responds, and uvicorn then
         # closes the connection under the client.
-        raise internal_error(a.request.request_id)
+        raise internal_error(job.request.request_id)
 
-    async def _wait(self, a: Admitted, http_request: Request) -> JobResult:
-        """Wait for the job. A client that leaves, or a deadline that passes, cancels it:
-        dropped while queued, stopped at the next step while running."""
-        while True:
-            done, _ = await asyncio.wait({a.job.future}, timeout=self.options.disconnect_poll_s)
-            if done:
-                return self._result(a)
-            if await http_request.is_disconnected():
-                reason = Cancelled("the client disconnected", status=499)
-            else:
-                reason = self._deadline_passed(a)
-            if reason is not None:
-                self._abandon(a, reason)
-                raise reason
+    async def _wait(self, a: Admitted, http_request: Request) -> list[Any]:
+        """Wait for the jobs; their images in order. A client that leaves, or a deadline that
+        passes, cancels what is left: dropped while queued, stopped at the next step while running."""
+        images: list[Any] = []
+        try:
+            for job in a.jobs:
+                while not job.future.done():
+                    await asyncio.wait({job.future}, timeout=self.options.disconnect_poll_s)
+                    if job.future.done():
+                        break
+                    if await http_request.is_disconnected():
+                        raise Cancelled("the client disconnected", status=499)
+                    reason = self._deadline_passed(a)
+                    if reason is not None:
+                        raise reason
+                images += self._result(job).images
+        except Cancelled as reason:
+            self._abandon(a, reason)
+            raise
+        except OmniError:
+            self._abandon(a, Cancelled("another part of the request failed", status=500))
+            raise
+        return images
 
     async def _events(self, a: Admitted, http_request: Request, kind: str) -> AsyncIterator[str]:
         """The SSE stream: comments while queued (keep-alives), a partial_image event per
         preview as the worker makes it, then one completed event per image; an `error` event
-        (the error shape) if it fails after the stream began. A client that leaves cancels it."""
+        (the error shape) if it fails after the stream began. A client that leaves cancels it.
+        The parts of an edit of several images follow each other, image_index counting on."""
         prefix = SSE_EVENTS[kind]
-        job, req = a.job, a.request
-        last_sent = time.monotonic()
+        state = {"last_sent": time.monotonic()}
         finished = False
         try:
-            while True:
-                get = asyncio.ensure_future(job.previews.get())
-                done, _ = await asyncio.wait({get, job.future}, timeout=self.options.disconnect_poll_s)
-                if get in done:
-                    image, partial, picture = get.result()
-                    b64 = (await self._encode([picture], req.output_format, req.output_compression))[0]
-                    event = PartialImageEvent(b64_json=b64, partial_image_index=partial, image_index=image, created_at=int(time.time()),
-                                              **a.describe())
-                    yield sse(f"{prefix}.partial_image", event.model_dump())
-                    last_sent = time.monotonic()
-                    continue
-                get.cancel()
-                if job.future.done() and job.previews.empty():
-                    finished = True
-                    try:
-                        result = self._result(a)
-                    except OmniError as e:
-                        yield sse("error", error_body(e.status, e.message, param=e.param))
+            offset = 0
+            for job, req in zip(a.jobs, a.requests):
+                async for event in self._job_events(a, job, req, offset, prefix, http_request, state):
+                    yield event
+                    if event.startswith("event: error"):
+                        finished = True
                         return
-                    encoded = await self._encode(result.images, req.output_format, req.output_compression)
-                    for i, b64 in enumerate(encoded):
-                        event = CompletedImageEvent(b64_json=b64, image_index=i, created_at=int(time.time()), usage=a.usage(1), **a.describe())
-                        yield sse(f"{prefix}.completed", event.model_dump())
-                    return
-                if job.future.done():
-                    continue  # previews still queued: they go first
-                if await http_request.is_disconnected():
-                    reason = Cancelled("the client disconnected", status=499)
-                else:
-                    reason = self._deadline_passed(a)
-                if reason is not None:
-                    finished = True
-                    self._abandon(a, reason)
-                    if reason.status != 499:
-                        yield sse("error", error_body(reason.status, reason.message))
-                    return
-                if time.monotonic() - last_sent >= self.options.keepalive_s:
-                    yield ": keep-alive\n\n"  # an SSE comment: proxies and clients see the stream is alive
-                    last_sent = time.monotonic()
+                offset += req.n
+            finished = True
+        except Cancelled as reason:  # the client left, or the deadline passed
+            finished = True
+            self._abandon(a, reason)
+            if reason.status != 499:
+                yield sse("error", error_body(reason.status, reason.message))
         finally:
-            if not finished and not job.future.done():  # the response was closed under us
+            if not finished:  # the response was closed under us
                 self._abandon(a, Cancelled("the client disconnected", status=499))
+
+    async def _job_events(self, a: Admitted, job: Job, req: GenerationRequest, offset: int, prefix: str, http_request: Request,
+                          state: dict[str, float]) -> AsyncIterator[str]:
+        while True:
+            get = asyncio.ensure_future(job.previews.get())
+            done, _ = await asyncio.wait({get, job.future}, timeout=self.options.disconnect_poll_s)
+            if get in done:
+                image, partial, picture = get.result()
+                b64 = (await self._encode([picture], req.output_format, req.output_compression))[0]
+                event = PartialImageEvent(type=f"{prefix}.partial_image", b64_json=b64, partial_image_index=partial, image_index=offset + image,
+                                          created_at=int(time.time()), **a.describe())
+                yield sse(f"{prefix}.partial_image", event.model_dump())
+                state["last_sent"] = time.monotonic()
+                continue
+            get.cancel()
+            if job.future.done() and job.previews.empty():
+                try:
+                    result = self._result(job)
+                except OmniError as e:
+                    self._abandon(a, Cancelled("another part of the request failed", status=500))
+                    yield sse("error", error_body(e.status, e.message, param=e.param))
+                    return
+                encoded = await self._encode(result.images, req.output_format, req.output_compression)
+                for i, b64 in enumerate(encoded):
+                    event = CompletedImageEvent(type=f"{prefix}.completed", b64_json=b64, image_index=offset + i, created_at=int(time.time()), usage=a.usage(1),
+                                                **a.describe())
+                    yield sse(f"{prefix}.completed", event.model_dump())
+                state["last_sent"] = time.monotonic()
+                return
+            if job.future.done():
+                continue  # previews still queued: they go first
+            if await http_request.is_disconnected():
+                raise Cancelled("the client disconnected", status=499)
+            reason = self._deadline_passed(a)
+            if reason is not None:
+                raise reason
+            if time.monotonic() - state["last_sent"] >= self.options.keepalive_s:
+                yield ": keep-alive\n\n"  # an SSE comment: proxies and clients see the stream is alive
+                state["last_sent"] = time.monotonic()
 
     async def _encode(self, images: list[Any], fmt: str, compression: int | None) -> list[str]:
         loop = asyncio.get_running_loop()
