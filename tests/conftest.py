@@ -63,3 +63,21 @@ def built(tiny_dir, tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exported_onnx(built):
+    """exported_onnx(family) -> {component: ExportResult} for the session build's ONNX files: the
+    exporter tests check the very exports the build made, rather than exporting each model again."""
+    from omni_trt.compiler.export import ExportResult, onnx_input_dims
+    from omni_trt.enginedir import onnx_relpath
+
+    def get(family: str) -> dict:
+        _, engine_dir, report = built(family)
+        out = {}
+        for name in report.manifest.components:
+            path = engine_dir / onnx_relpath(name)
+            out[name] = ExportResult(path, report.seconds.get(name, {}).get("export", 0.0), onnx_input_dims(path))
+        return out
+
+    return get

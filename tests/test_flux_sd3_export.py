@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_trt.compiler.export import check_dynamic_dims, export_component, sample_points, validate_onnx
+from omni_trt.compiler.export import check_dynamic_dims, sample_points, validate_onnx
 from omni_trt.models import family_by_name
 from omni_trt.models.base import Point
 from omni_trt.runtime.engines import OnnxRuntimeEngine
@@ -27,22 +27,14 @@ EXPECTED_DYNAMIC = {
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_pipeline, tmp_path_factory):
-    """exported(family) -> ({component: onnx path}, {component: export seconds}); once per family."""
-    done: dict[str, tuple[dict, dict]] = {}
+def exported(exported_onnx):
+    """exported(family) -> ({component: onnx path}, {component: export seconds}), as the session build exported them."""
 
     def get(family: str):
-        if family not in done:
-            fam, pipe = family_by_name(family), tiny_pipeline(family)
-            out = tmp_path_factory.mktemp(f"onnx-{family}")
-            paths, seconds = {}, {}
-            for name in COMPONENTS:
-                spec = fam.components[name]
-                result = export_component(fam, name, getattr(pipe, spec.pipeline_attr), out / f"{name}.onnx")
-                check_dynamic_dims(spec, result.dynamic_inputs)
-                paths[name], seconds[name] = result.path, result.seconds
-            done[family] = (paths, seconds)
-        return done[family]
+        onnx = exported_onnx(family)
+        for name in COMPONENTS:
+            check_dynamic_dims(family_by_name(family).components[name], onnx[name].dynamic_inputs)
+        return {n: onnx[n].path for n in COMPONENTS}, {n: onnx[n].seconds for n in COMPONENTS}
 
     return get
 

@@ -11,11 +11,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 from omni_trt.errors import EngineDirError

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omni_trt.compiler.export import check_dynamic_dims, export_component, relative_error, sample_points, validate_onnx
+from omni_trt.compiler.export import check_dynamic_dims, relative_error, sample_points, validate_onnx
 from omni_trt.models.base import ComponentSpec, Point
 from omni_trt.models.qwen_image import FAMILY
 from omni_trt.models.qwen_image.transformer import transformer_spec
@@ -35,17 +35,12 @@ class TorchEngine:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_pipeline, tmp_path_factory) -> tuple[object, dict[str, Path], dict[str, float]]:
-    """The tiny pipeline, its two components exported once, and the export seconds."""
-    pipe = tiny_pipeline("qwen-image")
-    out = tmp_path_factory.mktemp("qwen-image-onnx")
-    paths, seconds = {}, {}
+def exported(tiny_pipeline, exported_onnx) -> tuple[object, dict[str, Path], dict[str, float]]:
+    """The tiny pipeline, its two components as the session build exported them, and the export seconds."""
+    pipe, onnx = tiny_pipeline("qwen-image"), exported_onnx("qwen-image")
     for name in COMPONENTS:
-        module = getattr(pipe, FAMILY.components[name].pipeline_attr)
-        result = export_component(FAMILY, name, module, out / f"{name}.onnx")
-        check_dynamic_dims(FAMILY.components[name], result.dynamic_inputs)
-        paths[name], seconds[name] = result.path, result.seconds
-    return pipe, paths, seconds
+        check_dynamic_dims(FAMILY.components[name], onnx[name].dynamic_inputs)
+    return pipe, {n: onnx[n].path for n in COMPONENTS}, {n: onnx[n].seconds for n in COMPONENTS}
 
 
 def _spec_for(name: str, module: torch.nn.Module) -> ComponentSpec:

@@ -3,8 +3,6 @@ work whose client left, through a real uvicorn server and the OpenAI SDK's own s
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import threading
 
@@ -12,9 +10,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from PIL import Image
 
-from omni_trt.demo import builders
 from omni_trt.models import FAMILIES
 from omni_trt.runtime.pipeline import load_pipeline
 from omni_trt.runtime.request import resolve

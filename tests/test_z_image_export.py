@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_trt.compiler.export import check_dynamic_dims, export_component, sample_points, validate_onnx
+from omni_trt.compiler.export import check_dynamic_dims, sample_points, validate_onnx
 from omni_trt.models.base import Point
 from omni_trt.models.z_image import FAMILY
 from omni_trt.models.z_image.transformer import ZImagePrep, transformer_spec
@@ -17,15 +17,10 @@ TOL = 1e-4  # fp32 relative error, ONNX vs the original forward
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_pipeline, tmp_path_factory):
-    """Both components exported once from the tiny pipeline: name -> (ExportResult, module)."""
-    pipe = tiny_pipeline("z-image")
-    out = tmp_path_factory.mktemp("z-image-onnx")
-    results = {}
-    for name in ("transformer", "vae_decoder"):
-        module = getattr(pipe, FAMILY.components[name].pipeline_attr)
-        results[name] = (export_component(FAMILY, name, module, out / f"{name}.onnx"), module)
-    return results
+def exported(tiny_pipeline, exported_onnx):
+    """Both components as the session build exported them: name -> (ExportResult, module)."""
+    pipe, onnx = tiny_pipeline("z-image"), exported_onnx("z-image")
+    return {name: (onnx[name], getattr(pipe, FAMILY.components[name].pipeline_attr)) for name in ("transformer", "vae_decoder")}
 
 
 def _tiny_spec(config) -> object:
