@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .. import hub
+from .. import hub, ort
 from ..dtypes import torch_dtype
 from ..enginedir import Manifest, trt_flavor
 from ..errors import EngineDirError
@@ -125,6 +125,12 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
     gpu = trt_flavor.gpu() if device.startswith("cuda") else None
     kind, why = choose_runtime(runtime, m, gpu, _installed_trt())
     log.info("runtime %s (%s)", kind, why)
+    if kind == "onnxruntime" and device.startswith("cuda") and not ort.has_cuda():
+        # Not ONNX Runtime on the CPU of a GPU host: every step would copy through host memory.
+        raise EngineDirError(
+            f"ONNX Runtime here has no CUDAExecutionProvider, so it cannot run these engines on {device} "
+            f"(runtime {kind}: {why}): pip uninstall -y onnxruntime && pip install 'omni-trt[ort-gpu]', or --device cpu"
+        )
     used = [c.engine.path if kind == "tensorrt" else c.onnx.path for c in m.components.values()]
     used += [rel for c in m.components.values() for rel in c.onnx.files if kind != "tensorrt" and rel not in used]  # external data
     problems = m.verify(engine_dir, only=used)
@@ -153,7 +159,7 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         if kind == "tensorrt":
             engine = TensorRTEngine(engine_dir / entry.engine.path, trt, device)
         else:
-            engine = OnnxRuntimeEngine(engine_dir / entry.onnx.path, ["CPUExecutionProvider"] if device == "cpu" else None)
+            engine = OnnxRuntimeEngine(engine_dir / entry.onnx.path, device)
         standin = spec.standin(_component_config(model_dir, spec.pipeline_attr), ProfiledEngine(engine, entry.shape_ranges(), name))
         replacements[spec.pipeline_attr] = standin.with_dtype(torch_dtype(entry.dtype))
     swap = EngineSwap(
