@@ -37,9 +37,11 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-use-tiling", action="store_true", help="decode large images in tiles (less memory)")
     p.add_argument("--engine-dir", default=None, help="an engine dir made by `omni build-engine`: its engines replace the "
                    "transformer and VAE decoder; the model comes from its manifest (MODEL, if given, must match)")
-    p.add_argument("--runtime", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto", help=(
-        "what runs the engine dir's components. auto: TensorRT when the plans match this GPU and the installed TensorRT, "
-        "else ONNX Runtime over the exported ONNX; torch: ignore the engines (default: auto)"))
+    p.add_argument("--runtime", choices=("auto", "tensorrt", "onnxruntime", "torch", "torch-compile"), default="auto", help=(
+        "what runs the transformer and VAE decoder. With --engine-dir: auto (TensorRT when the plans match this GPU and the "
+        "installed TensorRT, else ONNX Runtime over the exported ONNX), tensorrt, onnxruntime, or torch (ignore the "
+        "engines). torch-compile: PyTorch with torch.compile (the transformer's repeated blocks and the VAE decoder), "
+        "compiled and warmed up at load; it runs no engines and refuses --engine-dir (default: auto)"))
 
 
 def _model_or_demo(model: str | None) -> str:
@@ -50,14 +52,16 @@ def _model_or_demo(model: str | None) -> str:
     return str(ensure_demo_model())
 
 
-def _loader(args: argparse.Namespace) -> Callable[[], Any]:
-    """A function that loads the runtime; serve calls it after the server is listening."""
+def _loader(args: argparse.Namespace, warmup_size: str | None = None) -> Callable[[], Any]:
+    """A function that loads the runtime; serve calls it after the server is listening.
+    warmup_size: what torch-compile compiles at load (None: the family's default size)."""
     from .runtime.loader import load_runtime
     from .runtime.pipeline import LoadOptions
 
     def load() -> Any:
         model = args.model if args.engine_dir else _model_or_demo(args.model)
-        opts = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling)
+        opts = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
+                           warmup_size=warmup_size)
         return load_runtime(model, args.engine_dir, args.runtime, opts)
 
     return load
@@ -75,15 +79,21 @@ def _engine_dir_model(engine_dir: str | None) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .runtime.loader import check_runtime
     from .server.app import ServerOptions, create_app
 
     if args.model is not None:
         from .models import detect_family
 
         detect_family(args.model)  # fail before listening: a wrong path is not a 503
+    check_runtime(args.runtime, args.engine_dir)
+    if args.warmup_size is not None:
+        from .models import parse_size
+
+        parse_size(args.warmup_size, "--warmup-size")
     name = args.served_model_name or args.model or _engine_dir_model(args.engine_dir) or f"omni-trt/demo-{DEMO_FAMILY}"
     options = ServerOptions(served_model_name=name, max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=args.api_key)
-    app = create_app(options, _loader(args))
+    app = create_app(options, _loader(args, args.warmup_size))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(), timeout_graceful_shutdown=10))
     state = app.state.omni
     state.on_load_error = lambda e: setattr(server, "should_exit", True)
@@ -99,7 +109,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime.request import resolve
     from .server.encoding import encode_image
 
-    runtime = _loader(args)()
+    runtime = _loader(args, args.size)()  # torch-compile compiles the size it makes
     req = resolve(
         runtime.family, args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seed=args.seed, limits=runtime.limits,
@@ -157,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=positive_int, default=64, help="requests that may wait; more get 429 (default: 64)")
     p.add_argument("--max-batch-size", type=positive_int, default=4, help="most images per pipeline call: compatible requests are batched up to it, larger requests run in chunks of it (default: 4)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--warmup-size", default=None, metavar="WxH", help=(
+        "--runtime torch-compile: the image size compiled and warmed up before /health says ready (default: the family's "
+        "default size). Other sizes, batches and longer prompts compile once, on their first request"))
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="make one image without a server", description="Generate images with the same defaults and validation as the API.")
