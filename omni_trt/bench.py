@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -102,7 +103,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cpu_count": os.cpu_count(),
+                    "load_avg_1m": os.getloadavg()[0]},  # CPU figures mean little on a loaded machine
         "runtimes": {},
     }
     for name in names:

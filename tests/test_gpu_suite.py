@@ -1,0 +1,56 @@
+"""benchmarks/gpu_suite.py --tiny, end to end: the GPU suite's every step (probe, model, engines,
+bench, concurrency through a real `omni serve`) on the tiny demo model on CPU, so the command a
+GPU session runs cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import json
+import numbers
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = {"probe", "model", "engines", "bench", "concurrency"}
+
+
+def _numbers(value, path="figures"):
+    """Every leaf of a nested figures dict, with its path."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{path}.{k}")
+    else:
+        yield path, value
+
+
+def test_gpu_suite_tiny_runs_every_step_into_one_json(tmp_path):
+    out = tmp_path / "suite.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), "--work", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.is_file(), r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    steps = report["steps"]
+    assert set(steps) == STEPS and all(s["ok"] for s in steps.values()), (r.stderr[-3000:], {k: s.get("error") for k, s in steps.items()})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert report["tiny"] is True and report["wall_s"] > 0
+    machine = report["machine"]
+    assert {"torch", "diffusers", "onnxruntime"} <= set(machine["versions"]) and "gpu" in machine
+
+    rtx = steps["probe"]["flavors"]["tensorrt-rtx"]
+    assert rtx["build"]["ok"] and rtx["version"], rtx  # TensorRT-RTX builds without a GPU
+    assert "no CUDA GPU" in rtx["deserialize"]["skipped"] and rtx["runs"] is False
+    assert steps["model"]["real_shapes"] is False and steps["model"]["gb"] > 0
+    assert steps["engines"]["onnx_only"] is True  # no TensorRT runs on a CPU; ONNX Runtime does
+
+    bench = steps["bench"]
+    assert list(bench["runtimes"]) == ["torch", "torch-compile", "onnxruntime", "tensorrt"]
+    assert "onnx-only" in bench["runtimes"]["tensorrt"]["skipped"] and "bench tensorrt" in report["skipped"]
+    assert bench["baseline"] == "torch" and set(bench["speedup_vs_torch"]) == {"torch-compile", "onnxruntime"}
+    assert steps["concurrency"]["requests"] == 4 and steps["concurrency"]["runtime"] == "torch"
+
+    figures = report["figures"]
+    assert set(figures["bench_total_ms"]) == {"torch", "torch-compile", "onnxruntime"}
+    assert set(figures["speedup_vs_torch"]) == {"torch-compile", "onnxruntime"}
+    assert {"torch_compile_warmup_s", "concurrency"} <= set(figures)
+    leaves = list(_numbers(figures))
+    assert leaves and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 for _, v in leaves), leaves
