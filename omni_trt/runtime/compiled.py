@@ -10,8 +10,9 @@ module is compiled with static shapes (they follow the image size alone).
 
 torch.compile compiles on the first call, so load runs one warm-up call at the family's default
 size (or the size asked for) with the default guidance, and the first request at that size is
-not the one that waits. A batch of more than one image, or another size for the VAE decoder,
-compiles once more on its first call (PyTorch then makes those dims dynamic).
+not the one that waits. What it did not cover compiles on first use: a new height or width
+recompiles the VAE decoder (PyTorch then makes that dim dynamic), and the first call with more
+than one image recompiles both (dynamic shapes still specialise a batch of 1).
 """
 
 from __future__ import annotations
