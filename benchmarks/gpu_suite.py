@@ -248,10 +248,9 @@ class Suite:
                     _wait_ready(client, proc, deadline, log_path)
                     body = {"prompt": "a dragon over green mountains", "size": self.plan.serve_size, "num_inference_steps": self.plan.serve_steps}
 
-                    def post(seed: int) -> float:
+                    def post(seed: int, via: Any = client) -> float:
                         t0 = time.perf_counter()
-                        r = client.post("/v1/images/generations", json={**body, "seed": seed},
-                                        timeout=max(1.0, deadline - time.monotonic()))
+                        r = via.post("/v1/images/generations", json={**body, "seed": seed}, timeout=max(1.0, deadline - time.monotonic()))
                         if r.status_code != 200:
                             raise StepError(f"request {seed}: HTTP {r.status_code} {r.text[:300]}")
                         return time.perf_counter() - t0
@@ -260,11 +259,13 @@ class Suite:
                     t0 = time.perf_counter()
                     serial = [post(1 + i) for i in range(n)]
                     serial_s = time.perf_counter() - t0
+                    calls_before = _pipeline_calls(client)
                     concurrent, errors = [0.0] * n, []
 
                     def one(i: int) -> None:
                         try:
-                            concurrent[i] = post(100 + i)
+                            with httpx.Client(base_url=url) as own:  # one client per thread
+                                concurrent[i] = post(100 + i, own)
                         except Exception as e:  # collected: the measurement fails as a whole
                             errors.append(e)
 
@@ -277,11 +278,12 @@ class Suite:
                     concurrent_s = time.perf_counter() - t0
                     if errors:
                         raise StepError(f"{len(errors)} of {n} concurrent requests failed: {errors[0]}")
+                    calls = _pipeline_calls(client) - calls_before
                     runtime = client.get("/health").json().get("runtime")
             finally:
                 _kill(proc)
         return {"runtime": runtime, "size": self.plan.serve_size, "steps": self.plan.serve_steps, "requests": n, "max_batch_size": n,
-                "serial_s": serial_s, "concurrent_s": concurrent_s, "speedup": serial_s / concurrent_s,
+                "serial_s": serial_s, "concurrent_s": concurrent_s, "speedup": serial_s / concurrent_s, "concurrent_pipeline_calls": calls,
                 "serial_images_per_s": n / serial_s, "concurrent_images_per_s": n / concurrent_s,
                 "serial_latency_median_ms": statistics.median(serial) * 1000,
                 "concurrent_latency_median_ms": statistics.median(concurrent) * 1000, "concurrent_latency_max_ms": max(concurrent) * 1000}
@@ -400,6 +402,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _pipeline_calls(client: Any) -> int:
+    """Pipeline calls the server has made so far (its omni_batch_images histogram's count)."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith("omni_batch_images_count"):
+            return int(float(line.split()[-1]))
+    raise StepError("/metrics has no omni_batch_images_count")
 
 
 def _wait_ready(client: Any, proc: subprocess.Popen, deadline: float, log_path: Path) -> None:
