@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from omni_trt.bench import STAGE_KEYS
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"probe", "model", "engines", "bench", "concurrency"}
 
@@ -23,12 +27,19 @@ def _numbers(value, path="figures"):
         yield path, value
 
 
-def test_gpu_suite_tiny_runs_every_step_into_one_json(tmp_path):
-    out = tmp_path / "suite.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), "--work", str(tmp_path / "work")],
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+    """One `gpu_suite.py --tiny` run: (its report, its work dir, the process result)."""
+    tmp = tmp_path_factory.mktemp("suite")
+    out, work = tmp / "suite.json", tmp / "work"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), "--work", str(work)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.is_file(), r.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text()), work, r
+
+
+def test_gpu_suite_tiny_runs_every_step_into_one_json(tiny_suite):
+    report, _, r = tiny_suite
     steps = report["steps"]
     assert set(steps) == STEPS and all(s["ok"] for s in steps.values()), (r.stderr[-3000:], {k: s.get("error") for k, s in steps.items()})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -55,3 +66,27 @@ def test_gpu_suite_tiny_runs_every_step_into_one_json(tmp_path):
     assert {"torch_compile_warmup_s", "concurrency"} <= set(figures)
     leaves = list(_numbers(figures))
     assert leaves and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 for _, v in leaves), leaves
+
+
+def test_its_bench_json_compares_torch_torch_compile_and_onnxruntime(tiny_suite):
+    # What `omni bench --runtimes torch,torch-compile,onnxruntime,tensorrt --engine-dir E` wrote
+    # itself (E: the suite's --onnx-only build), not the suite's summary of it.
+    _, work, _ = tiny_suite
+    report = json.loads((work / "bench-1.json").read_text())
+    runtimes = report["runtimes"]
+    assert list(runtimes) == ["torch", "torch-compile", "onnxruntime", "tensorrt"]
+    assert report["size"] == "64x64" and report["steps"] == 2 and report["baseline"] == "torch"
+    for name in ("torch", "torch-compile", "onnxruntime"):
+        stages = runtimes[name]["stages"]
+        assert set(stages) == set(STAGE_KEYS), (name, stages)
+        assert all(s["median_ms"] > 0 and 0 < s["min_ms"] <= s["median_ms"] for s in stages.values()), (name, stages)
+    assert runtimes["torch-compile"]["compile_warmup_s"] > 0 and runtimes["torch-compile"]["compile"]["warmup_size"] == "64x64"
+    assert runtimes["onnxruntime"]["components"] == {"transformer": "onnxruntime", "vae_decoder": "onnxruntime"}
+    assert "onnx-only" in runtimes["tensorrt"]["skipped"]
+    ratios = report["speedup_vs_torch"]
+    assert set(ratios) == {"torch-compile", "onnxruntime"}
+    for name, per_stage in ratios.items():
+        assert set(per_stage) == set(STAGE_KEYS)
+        for stage, ratio in per_stage.items():
+            want = runtimes["torch"]["stages"][stage]["median_ms"] / runtimes[name]["stages"][stage]["median_ms"]
+            assert ratio == pytest.approx(want, rel=1e-12), (name, stage)
