@@ -70,9 +70,11 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-use-tiling", action="store_true", help="decode large images in tiles (less memory)")
     p.add_argument("--engine-dir", default=None, help="an engine dir made by `omni build-engine`: its engines replace the "
                    "transformer and VAE decoder; the model comes from its manifest (MODEL, if given, must match)")
-    p.add_argument("--runtime", choices=("auto", "tensorrt", "onnxruntime", "torch"), default="auto", help=(
-        "what runs the engine dir's components. auto: TensorRT when the plans match this GPU and the installed TensorRT, "
-        "else ONNX Runtime over the exported ONNX; torch: ignore the engines (default: auto)"))
+    p.add_argument("--runtime", choices=("auto", "tensorrt", "onnxruntime", "torch", "torch-compile"), default="auto", help=(
+        "what runs the transformer and VAE decoder. With --engine-dir: auto (TensorRT when the plans match this GPU and the "
+        "installed TensorRT, else ONNX Runtime over the exported ONNX), tensorrt, onnxruntime, or torch (ignore the "
+        "engines). torch-compile: PyTorch with torch.compile (the transformer's repeated blocks and the VAE decoder), "
+        "compiled and warmed up at load; it runs no engines and refuses --engine-dir (default: auto)"))
 
 
 def _model_or_demo(model: str | None) -> str:
@@ -83,14 +85,16 @@ def _model_or_demo(model: str | None) -> str:
     return str(ensure_demo_model())
 
 
-def _loader(args: argparse.Namespace) -> Callable[[], Any]:
-    """A function that loads the runtime; serve calls it after the server is listening."""
+def _loader(args: argparse.Namespace, warmup_size: str | None = None) -> Callable[[], Any]:
+    """A function that loads the runtime; serve calls it after the server is listening.
+    warmup_size: what torch-compile compiles at load (None: the family's default size)."""
     from .runtime.loader import load_runtime
     from .runtime.pipeline import LoadOptions
 
     def load() -> Any:
         model = args.model if args.engine_dir else _model_or_demo(args.model)
-        opts = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling)
+        opts = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
+                           warmup_size=warmup_size)
         return load_runtime(model, args.engine_dir, args.runtime, opts)
 
     return load
@@ -106,6 +110,7 @@ def _engine_dir_model(engine_dir: str | None) -> str | None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .runtime.loader import check_runtime
     from .server.app import ServerOptions, create_app
     from .server.run import NetOptions, make_server
 
@@ -113,6 +118,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .models import detect_family
 
         detect_family(args.model)  # fail before listening: a wrong path is not a 503
+    check_runtime(args.runtime, args.engine_dir)
+    if args.warmup_size is not None:
+        from .models import parse_size
+
+        parse_size(args.warmup_size, "--warmup-size")
     names = args.served_model_name or [args.model or _engine_dir_model(args.engine_dir) or f"omni-trt/demo-{DEMO_FAMILY}"]
     name = names[0]
     options = ServerOptions(
@@ -121,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_megapixel_steps=args.max_megapixel_steps, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
         max_input_pixels=int(args.max_input_megapixels * 1e6), allowed_image_hosts=tuple(args.allow_image_host),
     )
-    app = create_app(options, _loader(args))
+    app = create_app(options, _loader(args, args.warmup_size))
     server = make_server(app, NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower()))
     state = app.state.omni
     state.on_load_error = lambda e: setattr(server, "should_exit", True)
@@ -137,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .runtime.request import resolve
     from .server.encoding import encode_image
 
-    runtime = _loader(args)()
+    runtime = _loader(args, args.size)()  # torch-compile compiles the size it makes
     req = resolve(
         runtime.family, args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
         true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seed=args.seed, limits=runtime.limits,
@@ -220,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-alive", type=positive_float, default=5, metavar="S", help="idle keep-alive connections close after S seconds (default: 5)")
     g.add_argument("--drain-timeout", type=positive_float, default=30, metavar="S", help="on SIGINT/SIGTERM: new requests get 503 and the "
                    "backlog may finish for S seconds; what is left then gets 503 (default: 30). A second signal skips the wait")
+    g = p.add_argument_group("torch-compile")
+    g.add_argument("--warmup-size", default=None, metavar="WxH", help=(
+        "--runtime torch-compile: the image size compiled and warmed up before /health says ready (default: the family's "
+        "default size). Other sizes, batches and longer prompts compile once, on their first request"))
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="make one image without a server", description="Generate images with the same defaults and validation as the API.")

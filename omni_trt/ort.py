@@ -6,9 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
 
-def session(path: Path | str, providers: Sequence[str] | None = None) -> Any:
-    """An InferenceSession on `providers` (default: CUDA where onnxruntime-gpu has it, else CPU)."""
+
+def has_cuda() -> bool:
+    """Whether the installed ONNX Runtime has the CUDA execution provider (onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    return CUDA in ort.get_available_providers()
+
+
+def session(path: Path | str, providers: Sequence[str] | None = None, *, device_id: int = 0, cuda_stream: int | None = None) -> Any:
+    """An InferenceSession on `providers` (default: CUDA where onnxruntime-gpu has it, else CPU).
+    cuda_stream: a CUDA stream handle (torch's `cuda_stream`) the CUDA provider enqueues its
+    kernels on, so a run orders with the torch work around it instead of synchronising."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -18,5 +30,24 @@ def session(path: Path | str, providers: Sequence[str] | None = None) -> Any:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if providers is None:
         available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(path), opts, providers=list(providers))
+        providers = [p for p in (CUDA, CPU) if p in available]
+    chosen: list[Any] = []
+    for p in providers:
+        if p == CUDA:
+            cuda_opts = {"device_id": str(device_id)}
+            if cuda_stream is not None:
+                cuda_opts.update(has_user_compute_stream="1", user_compute_stream=str(cuda_stream))
+            chosen.append((p, cuda_opts))
+        else:
+            chosen.append(p)
+    return ort.InferenceSession(str(path), opts, providers=chosen)
+
+
+def unsynchronized_run() -> Any:
+    """RunOptions for a run enqueued on a stream its caller orders by: no host sync at the end,
+    which would only stall the host."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+    return options

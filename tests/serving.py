@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import socket
 import threading
 import time
@@ -9,7 +11,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import httpx
+import numpy as np
 import uvicorn
+from PIL import Image
 
 from omni_trt.server.app import ServerOptions, create_app
 
@@ -31,6 +35,12 @@ class LiveServer:
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 60), **kw)
+
+
+def images(response: httpx.Response) -> list[np.ndarray]:
+    """The images of a 200 images response, as float RGB arrays (0..255)."""
+    assert response.status_code == 200, response.text
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB"), dtype=float) for d in response.json()["data"]]
 
 
 def wait_until(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:

@@ -3,8 +3,6 @@ ONNX Runtime over the same exports -> images equal the torch runtime's, through 
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import shutil
 import subprocess
@@ -18,7 +16,7 @@ from omni_trt.models import FAMILIES
 from omni_trt.runtime.loader import EngineDirError, choose_runtime, load_runtime
 from omni_trt.runtime.pipeline import load_pipeline
 from omni_trt.runtime.request import resolve
-from serving import live_server
+from serving import images, live_server
 
 SIZE = {"size": "64x64", "num_inference_steps": 2}
 # Per family: a request that exercises its CFG path (Qwen/Flux true CFG needs a negative prompt).
@@ -28,11 +26,6 @@ CFG = {
     "flux": {"true_cfg_scale": 2.0, "negative_prompt": "blurry"},
     "sd3": {"guidance_scale": 4.0},
 }
-
-
-def images(response) -> list[np.ndarray]:
-    assert response.status_code == 200, response.text
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB"), dtype=float) for d in response.json()["data"]]
 
 
 @pytest.fixture(scope="module")

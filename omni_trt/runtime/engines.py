@@ -2,7 +2,8 @@
 PyTorch components they replace.
 
 - TensorRTEngine: a serialized TensorRT (or TensorRT-RTX) plan, run on torch's CUDA stream.
-- OnnxRuntimeEngine: the exported ONNX graph on CPU (or CUDA with onnxruntime-gpu).
+- OnnxRuntimeEngine: the exported ONNX graph on CPU (numpy feeds) or on CUDA with onnxruntime-gpu
+  (I/O binding: torch tensors bound by pointer on torch's stream, nothing through host memory).
 - ProfiledEngine: checks every call against the built profile first, so a shape the engine was
   not built for is a clear request error rather than a TensorRT failure deep in a batch.
 - MissingEngine: a component the engine dir was built without; a call says what to build.
@@ -27,15 +28,38 @@ _ORT_TYPES = {
     "tensor(int32)": torch.int32,
     "tensor(bool)": torch.bool,
 }
+_NUMPY_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
 
 
 class OnnxRuntimeEngine:
-    """ONNX Runtime over an exported graph: CPU here, CUDA where onnxruntime-gpu is installed."""
+    """ONNX Runtime over an exported graph.
+
+    device "cpu": the CPU provider, fed numpy arrays (io_binding=True binds the CPU tensors by
+    pointer instead, the same code path as CUDA). device "cuda[:N]": the CUDA provider of
+    onnxruntime-gpu enqueued on torch's current CUDA stream, inputs bound by data_ptr and outputs
+    left in ORT's device memory and handed to torch through DLPack: no copy through the host, no
+    synchronisation; the run orders with the pipeline's kernels on the same stream."""
 
     kind = "onnxruntime"
 
-    def __init__(self, onnx_path: Path, providers: Sequence[str] | None = None) -> None:
-        self.session = ort.session(onnx_path, providers)
+    def __init__(self, onnx_path: Path, device: str = "cpu", io_binding: bool | None = None) -> None:
+        self.path = Path(onnx_path)
+        self.device = torch.device(device)
+        self._stream = None
+        self._run_options = None
+        if self.device.type == "cuda":
+            if not ort.has_cuda():
+                raise EngineDirError(f"{self.path.name}: ONNX Runtime here has no CUDAExecutionProvider; "
+                                     "pip uninstall -y onnxruntime && pip install 'omni-trt[ort-gpu]', or run on --device cpu")
+            self.device = torch.device("cuda", self.device.index if self.device.index is not None else torch.cuda.current_device())
+            self._stream = torch.cuda.current_stream(self.device)
+            self.session = ort.session(onnx_path, [ort.CUDA, ort.CPU], device_id=self.device.index, cuda_stream=self._stream.cuda_stream)
+            self._run_options = ort.unsynchronized_run()
+        elif self.device.type == "cpu":
+            self.session = ort.session(onnx_path, [ort.CPU])
+        else:
+            raise EngineDirError(f"{self.path.name}: ONNX Runtime engines run on cpu or cuda, not {device}")
+        self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
         inputs = self.session.get_inputs()
         self.input_names = tuple(i.name for i in inputs)
         self.output_names = tuple(o.name for o in self.session.get_outputs())
@@ -43,25 +67,55 @@ class OnnxRuntimeEngine:
         bf16 = [n for n, t in self.input_dtypes.items() if t == torch.bfloat16]
         if bf16:
             raise EngineDirError(
-                f"{Path(onnx_path).name} takes bf16 inputs ({', '.join(bf16)}), which ONNX Runtime cannot feed; "
+                f"{self.path.name} takes bf16 inputs ({', '.join(bf16)}), which ONNX Runtime cannot feed; "
                 "export with --dtype fp32 (or fp16) for ONNX Runtime, or serve bf16 engines with --runtime tensorrt"
             )
-        self.path = Path(onnx_path)
+
+    def _input(self, feeds: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+        t = feeds[name].detach()
+        want = self.input_dtypes[name]
+        return t if want is None or t.dtype == want else t.to(want)
 
     def __call__(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = set(self.input_names) - set(feeds)
         if missing:
             raise KeyError(f"{self.path.name}: missing inputs {sorted(missing)}")
+        if self.io_binding:
+            return self._run_bound(feeds)
         device = next(iter(feeds.values())).device
-        np_feeds: dict[str, np.ndarray] = {}
-        for name in self.input_names:
-            t = feeds[name].detach()
-            want = self.input_dtypes[name]
-            if want is not None and t.dtype != want:
-                t = t.to(want)
-            np_feeds[name] = t.cpu().contiguous().numpy()
+        np_feeds = {name: self._input(feeds, name).cpu().contiguous().numpy() for name in self.input_names}
         outs = self.session.run(list(self.output_names), np_feeds)
         return {k: torch.from_numpy(v).to(device) for k, v in zip(self.output_names, outs)}
+
+    def _run_bound(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding = self.session.io_binding()
+        where, index = self.device.type, self.device.index or 0
+        current = torch.cuda.current_stream(self.device) if self._stream is not None else None
+        other_stream = current is not None and current != self._stream
+        if other_stream:  # called from another stream than the session's: order both ways
+            self._stream.wait_stream(current)
+        keep = []  # the bound inputs must outlive the run (on CUDA: the kernels it enqueued)
+        for name in self.input_names:
+            t = self._input(feeds, name).to(self.device).contiguous()
+            if other_stream:
+                t.record_stream(self._stream)
+            keep.append(t)
+            binding.bind_input(name, where, index, _NUMPY_TYPES[t.dtype], tuple(t.shape), t.data_ptr())
+        for name in self.output_names:
+            binding.bind_output(name, where, index)  # ORT allocates: output shapes are known after the run
+        self.session.run_with_iobinding(binding, self._run_options)
+        outputs = {name: _ort_to_torch(v) for name, v in zip(self.output_names, binding.get_outputs())}
+        if other_stream:
+            current.wait_stream(self._stream)
+        return outputs
+
+
+def _ort_to_torch(value: Any) -> torch.Tensor:
+    """An OrtValue as a torch tensor sharing its memory (DLPack). The public protocol is newer
+    than the C binding's (onnxruntime 1.2x), hence the fallback."""
+    if hasattr(value, "__dlpack__"):
+        return torch.from_dlpack(value)
+    return torch.from_dlpack(value._ortvalue.__dlpack__())
 
 
 class TensorRTEngine:

@@ -12,17 +12,19 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .. import hub
+from .. import hub, ort
 from ..dtypes import torch_dtype
 from ..enginedir import Manifest, trt_flavor
-from ..errors import EngineDirError
+from ..errors import EngineDirError, UsageError
 from ..models import Family, SizeLimits, detect_family, family_by_name
+from .compiled import KIND as TORCH_COMPILE
 from .engines import MissingEngine, OnnxRuntimeEngine, ProfiledEngine, TensorRTEngine
 from .pipeline import EngineSwap, LoadOptions, PipelineRuntime, default_device, load_pipeline
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "tensorrt", "onnxruntime", "torch")
+RUNTIMES = ("auto", "tensorrt", "onnxruntime", "torch", TORCH_COMPILE)
+ENGINE_RUNTIMES = ("auto", "tensorrt", "onnxruntime")  # the ones that run an engine dir's engines
 
 
 def _rebuild(m: Manifest, engine_dir: Path) -> str:
@@ -91,9 +93,24 @@ def _installed_trt() -> dict[str, str | None]:
     return {f.target: (f.version() if f.installed() else None) for f in trt_flavor.FLAVORS.values()}
 
 
+def check_runtime(runtime: str, engine_dir: str | Path | None) -> None:
+    """Refuse a runtime that does not go with the engine dir (or its absence), before loading."""
+    if runtime not in RUNTIMES:
+        raise UsageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime == TORCH_COMPILE and engine_dir is not None:
+        raise UsageError(f"--runtime {TORCH_COMPILE} compiles the PyTorch modules and runs no engines: drop --engine-dir "
+                         "(and give MODEL), or serve the engines with --runtime auto, tensorrt or onnxruntime")
+
+
 def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtime: str = "auto", options: LoadOptions | None = None) -> PipelineRuntime:
-    """The runtime `serve` and `generate` use. Without an engine dir: the plain pipeline."""
+    """The runtime `serve`, `generate` and `bench` use. Without an engine dir: the plain pipeline
+    (torch-compile: compiled and warmed up)."""
     options = options or LoadOptions()
+    check_runtime(runtime, engine_dir)
+    if runtime == TORCH_COMPILE:
+        if model is None:
+            raise UsageError("no model: give MODEL")
+        return load_pipeline(model, options, torch_compile=True)
     if engine_dir is None:
         if runtime not in ("auto", "torch"):
             raise EngineDirError(f"--runtime {runtime} runs built engines: give --engine-dir DIR (made by omni build-engine)")
@@ -131,6 +148,12 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
     gpu = trt_flavor.gpu() if device.startswith("cuda") else None
     kind, why = choose_runtime(runtime, m, gpu, _installed_trt())
     log.info("runtime %s (%s)", kind, why)
+    if kind == "onnxruntime" and device.startswith("cuda") and not ort.has_cuda():
+        # Not ONNX Runtime on the CPU of a GPU host: every step would copy through host memory.
+        raise EngineDirError(
+            f"ONNX Runtime here has no CUDAExecutionProvider, so it cannot run these engines on {device} "
+            f"(runtime {kind}: {why}): pip uninstall -y onnxruntime && pip install 'omni-trt[ort-gpu]', or --device cpu"
+        )
     used = [c.engine.path if kind == "tensorrt" else c.onnx.path for c in m.components.values()]
     used += [rel for c in m.components.values() for rel in c.onnx.files if kind != "tensorrt" and rel not in used]  # external data
     problems = m.verify(engine_dir, only=used)
@@ -159,7 +182,7 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         if kind == "tensorrt":
             engine = TensorRTEngine(engine_dir / entry.engine.path, trt, device)
         else:
-            engine = OnnxRuntimeEngine(engine_dir / entry.onnx.path, ["CPUExecutionProvider"] if device == "cpu" else None)
+            engine = OnnxRuntimeEngine(engine_dir / entry.onnx.path, device)
         engines[name] = ProfiledEngine(engine, entry.shape_ranges(), name)
     # Parts of a stand-in this dir was built without (today only the VAE encoder, which only edits
     # use): generations serve, and a call that needs one says what to build.

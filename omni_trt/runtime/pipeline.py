@@ -15,6 +15,8 @@ import torch
 from ..dtypes import check_dtype, default_dtype, torch_dtype
 from ..errors import Cancelled
 from ..models import Family, SizeLimits, detect_family
+from .compiled import KIND as COMPILED_KIND
+from .compiled import CompileInfo, compile_pipeline
 from .request import GenerationRequest, pipeline_kwargs
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class LoadOptions:
     dtype: str | None = None
     vae_slicing: bool = False
     vae_tiling: bool = False
+    warmup_size: str | None = None  # torch-compile: the WxH compiled at load (None: the family's default)
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class PipelineRuntime:
     device: str
     dtype: str
     swap: EngineSwap | None = None  # the engines swapped in; None: plain torch
+    compiled: CompileInfo | None = None  # torch-compile: what was compiled, the warm-up's cost
     _timer: list = field(default_factory=lambda: [None], init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # A private copy of the prompt tokenizer: HF tokenizers change their truncation and padding
@@ -156,7 +160,9 @@ class PipelineRuntime:
 
     @property
     def kind(self) -> str:
-        return self.swap.kind if self.swap else "torch"
+        if self.swap:
+            return self.swap.kind
+        return COMPILED_KIND if self.compiled else "torch"
 
     @property
     def limits(self) -> SizeLimits:
@@ -176,6 +182,8 @@ class PipelineRuntime:
         if self.swap:
             out["components"] = dict(self.swap.components)
             out["engine_profile"] = dict(self.swap.profile)
+        if self.compiled:
+            out["compile"] = self.compiled.describe()
         return out
 
     def max_images(self, guidance_scale: float | None, cap: int | None = None) -> int | None:
@@ -323,10 +331,11 @@ def _standin_type_note(record: logging.LogRecord) -> bool:
 
 
 def load_pipeline(model: str, options: LoadOptions | None = None, family: Family | None = None, swap: EngineSwap | None = None,
-                  source: str | None = None) -> PipelineRuntime:
+                  source: str | None = None, torch_compile: bool = False) -> PipelineRuntime:
     """Load a pipeline from a hub id or a local folder, with `swap`'s stand-ins passed to
     from_pretrained so the replaced weights are never read. source: where to load from when it
-    is not `model` itself (a hub model's local snapshot of configs)."""
+    is not `model` itself (a hub model's local snapshot of configs). torch_compile: compile the
+    transformer and VAE decoder and warm them up at options.warmup_size (runtime.compiled)."""
     from diffusers import DiffusionPipeline
 
     options = options or LoadOptions()
@@ -349,4 +358,6 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
     if options.vae_tiling:
         pipe.vae.enable_tiling()
     log.info("loaded in %.1fs", time.perf_counter() - t0)
-    return PipelineRuntime(model, family, pipe, device, dtype, swap=swap)
+    # Before PipelineRuntime hooks its stage timers on: those stay outside the compiled graphs.
+    compiled = compile_pipeline(pipe, family, device, options.warmup_size) if torch_compile else None
+    return PipelineRuntime(model, family, pipe, device, dtype, swap=swap, compiled=compiled)

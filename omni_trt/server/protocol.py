@@ -253,12 +253,13 @@ class SizeRange(BaseModel):
 class RuntimeInfo(BaseModel):
     """What serves the model: its runtime, family, device, dtype and engines."""
 
-    runtime: str = Field(description="torch, onnxruntime or tensorrt.")
+    runtime: str = Field(description="torch, torch-compile, onnxruntime or tensorrt.")
     family: str
     device: str
     dtype: str
     components: dict[str, str] | None = Field(None, description="Component -> what runs it, where engines are swapped in.")
     engine_profile: dict[str, Any] | None = Field(None, description="Component -> the built min/max request points.")
+    compile: dict[str, Any] | None = Field(None, description="torch-compile: what was compiled, the warm-up size and its seconds.")
 
 
 class ModelCard(BaseModel):
@@ -273,6 +274,7 @@ class ModelCard(BaseModel):
     dtype: str | None = None
     components: dict[str, str] | None = None
     engine_profile: dict[str, Any] | None = None
+    compile: dict[str, Any] | None = None
     defaults: ModelDefaults | None = None
     sizes: str | None = Field(None, description="The sizes this server makes.")
     size_limits: SizeRange | None = Field(None, description="The same, as numbers.")
