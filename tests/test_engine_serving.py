@@ -3,6 +3,7 @@ ONNX Runtime over the same exports -> images equal the torch runtime's, through 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import subprocess
