@@ -112,7 +112,7 @@ def _engine_dir_model(engine_dir: str | None) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime.loader import check_runtime
     from .server.app import ServerOptions, create_app
-    from .server.run import NetOptions, make_server
+    from .server.run import make_server
 
     if args.model is not None:
         from .models import detect_family
@@ -138,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     app = create_app(options, _loader(args, args.warmup_size))
-    server = make_server(app, NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower()))
+    server = make_server(app, _net_options(args))
     state = app.state.omni
     state.on_load_error = lambda e: setattr(server, "should_exit", True)
     log.info("serving %s on http://%s:%d (loading the model in the background; /health says when ready)", name, args.host, args.port)
@@ -147,6 +147,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: the model failed to load: {state.load_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _net_options(args: argparse.Namespace) -> Any:
+    from .server.run import NetOptions
+
+    return NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower())
 
 
 def _serve_on_ray(args: argparse.Namespace, options: Any) -> int:
@@ -162,7 +168,7 @@ def _serve_on_ray(args: argparse.Namespace, options: Any) -> int:
     load = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
                        warmup_size=args.warmup_size)
     spec = ReplicaSpec(model=args.model, engine_dir=args.engine_dir, runtime=args.runtime, load=load, options=options, threads=args.threads)
-    return run(spec, args.host, args.port, args.replicas or args.min_replicas or 1, args.min_replicas, args.max_replicas, args.ray_address)
+    return run(spec, _net_options(args), args.replicas or args.min_replicas or 1, args.min_replicas, args.max_replicas, args.ray_address)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -12,15 +12,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
-import numpy as np
 import pytest
 
 pytest.importorskip("ray", reason="Ray Serve is not installed: pip install 'omni-trt[ray]' (make test installs it)")
 
-from serving import free_port, live_server, wait_until  # noqa: E402
+from serving import free_port, live_server, ray_replica_pids, wait_until  # noqa: E402
 from test_server import (  # noqa: E402,F401 - the contract, collected again here with this file's fixtures
     SMALL,
     assert_error,
@@ -47,18 +48,13 @@ class RayServer:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_dir, tmp_path_factory):
-    """Two replicas of the tiny Z-Image, one CPU thread each, a small queue (so 429 is reachable)."""
-    port = free_port()
-    tmp = tmp_path_factory.mktemp("ray")
-    log_path = tmp / "serve.log"
+@contextmanager
+def launched(cmd: list[str], log_path: Path, port: int, env: dict[str, str] | None = None) -> Iterator[RayServer]:
+    """A process serving on port; killed with its process group if a test left it up."""
     log = log_path.open("w")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", **(env or {})}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "omni_trt", "serve", str(tiny_dir("z-image")), "--replicas", "2", "--threads", "1",
-                             "--port", str(port), "--served-model-name", "tiny-z", "--max-queue", "4", "--max-batch-size", "2",
-                             "--drain-timeout", "10"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -76,6 +72,16 @@ def server(tiny_dir, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    """Two replicas of the tiny Z-Image, one CPU thread each, a small queue (so 429 is reachable)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "omni_trt", "serve", str(tiny_dir("z-image")), "--replicas", "2", "--threads", "1",
+           "--port", str(port), "--served-model-name", "tiny-z", "--max-queue", "4", "--max-batch-size", "2", "--drain-timeout", "10"]
+    with launched(cmd, tmp_path_factory.mktemp("ray") / "serve.log", port) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -151,22 +157,34 @@ def test_the_bounded_queue_answers_429_across_replicas(http):
             assert int(r.headers["retry-after"]) >= 1
 
 
-def _replica_pids() -> list[int]:
-    """Live model replicas, by the process title Ray gives an actor's worker
-    (`ray::ServeReplica:<app>:<deployment>`); the state API would need Ray's dashboard."""
-    pids = []
-    for proc in Path("/proc").iterdir():
+def test_a_client_that_leaves_stops_its_work_on_the_replica(server, http):
+    """Ray's proxy cancels the request when the client goes; the replica drops the job
+    (a plain request and a stream, each left while it runs)."""
+    def left() -> float:
+        text = http.get("/metrics").text
+        return sum(float(m.group(1)) for m in re.finditer(r'omni_requests_cancelled_total\{reason="disconnect",where="[a-z]+",replica="all"\} (\S+)', text))
+
+    before = left()
+    slow = {"prompt": "left behind", "size": "128x128", "num_inference_steps": 200}
+    with server.client(timeout=1.5) as impatient:
         try:
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0]
-        except OSError:  # gone meanwhile, or not a process
-            continue
-        if proc.name.isdigit() and title.startswith(b"ray::ServeReplica:omni:ModelReplica"):
-            pids.append(int(proc.name))
-    return pids
+            r = impatient.post("/v1/images/generations", json=slow)
+            pytest.fail(f"answered before the client left: {r.status_code} {r.text[:300]}")
+        except httpx.TimeoutException:
+            pass
+    with server.client() as c, c.stream("POST", "/v1/images/generations", json={**slow, "stream": True, "partial_images": 3}) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # it has begun; then the client closes it
+    wait_until(lambda: left() >= before + 2, 30, "both requests to be dropped by their replicas")
+    # Neither ran to its end: both replicas answer at once.
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        assert all(r.status_code == 200 for r in pool.map(lambda i: http.post("/v1/images/generations", json={"prompt": "next", "seed": i, **SMALL}), range(2)))
+    assert time.monotonic() - t0 < 30
 
 
 def test_a_killed_replica_is_replaced_and_every_request_is_answered(server, http):
-    pids = _replica_pids()
+    pids = ray_replica_pids()
     assert len(pids) == 2, pids
     body = {"prompt": "under fire", "size": "128x128", "num_inference_steps": 6}
     results: list = [None] * 40
@@ -191,7 +209,7 @@ def test_a_killed_replica_is_replaced_and_every_request_is_answered(server, http
         if r.status_code == 503:
             assert_error(r, 503, "replica")
     # Ray Serve replaces it: two replicas again, both serving.
-    wait_until(lambda: len(_replica_pids()) == 2 and pids[0] not in _replica_pids(), 180, "the replica to be replaced")
+    wait_until(lambda: len(ray_replica_pids()) == 2 and pids[0] not in ray_replica_pids(), 180, "the replica to be replaced")
 
     def two_serving() -> bool:
         with ThreadPoolExecutor(4) as pool:
@@ -203,5 +221,62 @@ def test_a_killed_replica_is_replaced_and_every_request_is_answered(server, http
 
 def test_ctrl_c_shuts_the_app_down_gracefully(server):
     server.proc.send_signal(signal.SIGINT)
-    assert server.proc.wait(timeout=90) == 0, server.log_path.read_text()[-3000:]
+    assert server.proc.wait(timeout=90) == 130, server.log_path.read_text()[-3000:]  # as without Ray
+    wait_until(lambda: not ray_replica_pids(), 30, "the local cluster to go with it")
     assert "Traceback" not in server.log_path.read_text()
+
+
+# ---- the cluster path: Ray Serve's own HTTP proxy, from deploy/kuberay's serveConfigV2 ----
+
+
+@pytest.fixture(scope="module")
+def proxied(tiny_dir, tmp_path_factory, server):
+    """`serve run` of the RayService's own application config (its import path and arguments),
+    on the tiny model, one CPU replica, the API key from the environment as in the pods."""
+    import yaml
+
+    assert server.proc.poll() is not None, "the --replicas server must be down first (two clusters on two cores)"
+    service = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = config["applications"]
+    app["args"].update(model=str(tiny_dir("z-image")), replicas=1, gpus_per_replica=0, runtime="torch")
+    del app["args"]["engine_dir"]
+    port = free_port()
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    tmp = tmp_path_factory.mktemp("ray-proxy")
+    (tmp / "serve.yaml").write_text(yaml.safe_dump(config))
+    cmd = [str(Path(sys.executable).with_name("serve")), "run", str(tmp / "serve.yaml")]
+    with launched(cmd, tmp / "serve.log", port, env={app["args"]["api_key_env"]: "sekret"}) as s:
+        yield s
+
+
+def test_the_rayservice_config_serves_the_same_api_behind_rays_proxy(proxied):
+    with proxied.client() as c:
+        assert_error(c.post("/v1/images/generations", json={"prompt": "x", **SMALL}), 401, "API key")
+        c.headers["Authorization"] = "Bearer sekret"
+        r = c.post("/v1/images/generations", json={"prompt": "a fox", "seed": 3, **SMALL})
+        assert r.status_code == 200, r.text
+        assert decode(r.json()["data"][0]["b64_json"]).shape == (64, 64, 3)
+        assert r.headers[REPLICA] and len(r.headers.get_list("x-request-id")) == 1
+        assert_error(c.post("/v1/images/generations", json={"prompt": "x", "size": "65x64"}), 400, "multiples of 16")
+        assert_error(c.post("/v1/images/generations", json={"prompt": "x", "n": "many"}), 422, "n")
+        names = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert names[0] == "Tongyi-MAI/Z-Image-Turbo"  # the config's served_model_name
+        with c.stream("POST", "/v1/images/generations", json={"prompt": "a fox", "stream": True, "partial_images": 1, "seed": 3,
+                                                              **{**SMALL, "num_inference_steps": 4}}) as s:
+            kinds = [line.split(": ", 1)[1] for line in s.iter_lines() if line.startswith("event: ")]
+        assert kinds == ["image_generation.partial_image", "image_generation.completed"]
+
+
+def test_behind_rays_proxy_a_client_that_leaves_stops_its_work(proxied):
+    def left() -> float:
+        text = httpx.get(f"{proxied.url}/metrics").text
+        return sum(float(m.group(1)) for m in re.finditer(r'omni_requests_cancelled_total\{reason="disconnect",where="[a-z]+",replica="all"\} (\S+)', text))
+
+    before = left()
+    with proxied.client(timeout=1.5, headers={"Authorization": "Bearer sekret"}) as impatient:
+        with pytest.raises(httpx.TimeoutException):
+            impatient.post("/v1/images/generations", json={"prompt": "left behind", "size": "128x128", "num_inference_steps": 200})
+    wait_until(lambda: left() >= before + 1, 30, "the replica to drop the request")
+    proxied.proc.send_signal(signal.SIGINT)
+    assert proxied.proc.wait(timeout=90) == 0, proxied.log_path.read_text()[-3000:]

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()  # *_created series double the output and say nothing useful here
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-KNOWN_ROUTES = ("/v1/images/generations", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+KNOWN_ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 class Metrics:
@@ -58,7 +58,7 @@ class RequestCounter:
 
 
 # Series only the ingress has (HTTP), left out of what the replicas report.
-INGRESS_ONLY = ("omni_requests",)
+INGRESS_ONLY = frozenset({"omni_requests"})  # by exact name: omni_requests_cancelled is a replica's
 
 
 def own_metrics(metrics: Metrics) -> bytes:
@@ -68,7 +68,7 @@ def own_metrics(metrics: Metrics) -> bytes:
 
     class Only:
         def collect(self):
-            return [f for f in metrics.registry.collect() if f.name.startswith(INGRESS_ONLY)]
+            return [f for f in metrics.registry.collect() if f.name in INGRESS_ONLY]
 
     registry = CollectorRegistry()
     registry.register(Only())
@@ -83,7 +83,7 @@ def merge_replica_metrics(replicas: dict[str, str]) -> str:
     families: dict[str, tuple[str, str, dict[tuple, float], list[tuple[str, dict[str, str], float]]]] = {}
     for replica, text in sorted(replicas.items()):
         for fam in text_string_to_metric_families(text):
-            if fam.name.startswith(INGRESS_ONLY):
+            if fam.name in INGRESS_ONLY:
                 continue
             _, _, totals, samples = families.setdefault(fam.name, (fam.type, fam.documentation, {}, []))
             for s in fam.samples:

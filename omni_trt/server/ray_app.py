@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -198,12 +199,6 @@ def _drop_request_id(headers: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() != "x-request-id"}
 
 
-def _without_request_id(result: Any) -> Any:
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict):
-        return result[0], _drop_request_id(result[1])
-    return result
-
-
 def _unwrap(e: BaseException) -> BaseException:
     """What a replica raised, as the ingress should answer it."""
     from ray import exceptions as rex
@@ -228,23 +223,40 @@ def _unwrap(e: BaseException) -> BaseException:
 
 class RemoteServing:
     """ImageServing's interface for the routes, over a Ray Serve handle to the model replicas:
-    the ingress validates nothing itself, so every rule and message is the replicas' own."""
+    it validates nothing itself, so every rule and message is the replicas' own.
 
-    def __init__(self, options: ServerOptions, handle: Any, poll_s: float = 0.1) -> None:
+    behind_proxy: the app runs as Ray Serve's ingress deployment (a cluster, KubeRay): Ray's
+    proxy owns the connection, sets X-Request-Id and cancels a request whose client leaves.
+    Otherwise it runs under `omni serve`'s own uvicorn (`--replicas` on one machine), which
+    does those itself, one Ray hop from the replicas instead of three."""
+
+    def __init__(self, options: ServerOptions, handle: Any, behind_proxy: bool, poll_s: float = 0.1) -> None:
         self.options = options
         self.handle = handle
-        self.metrics = Metrics()  # the ingress's HTTP counters
-        self.draining: str | None = None
+        self.behind_proxy = behind_proxy
         self.poll_s = poll_s
+        self.metrics = Metrics()  # the HTTP counters; the replicas keep the rest
+        self.draining: str | None = None
+        self.runtime = handle  # what uvicorn's drain asks for: the runtimes are behind it
+        self.ongoing = 0
         self._hub: Any = None
 
-    # ---- what the app's lifespan calls ----
+    # ---- what the app's lifespan and shutdown call ----
 
     def load_in_background(self) -> None:
         pass  # the replicas load their runtimes; Ray Serve routes only to ready ones
 
     def stop(self) -> None:
         pass
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new work (503) and let the requests under way finish, up to `timeout`;
+        then Ray Serve's shutdown drains the replicas."""
+        timeout = self.options.drain_timeout_s if timeout is None else timeout
+        self.draining = "the server is shutting down; retry on another replica or later"
+        deadline = time.monotonic() + timeout
+        while self.ongoing and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     # ---- the routes' calls ----
 
@@ -281,67 +293,80 @@ class RemoteServing:
 
     # ---- calls to a replica ----
 
-    async def _call(self, http_request: Any, method: str, *args: Any) -> Any:
-        """One replica call, cancelled (and so stopped in the replica) if the client leaves."""
-        kwargs = {"request_id": _ray_request_id()} if http_request is not None else {}
-        response = getattr(self.handle, method).remote(*args, **kwargs)
-        task = asyncio.ensure_future(self._result(response))
+    # A client that leaves: behind Ray's proxy, the proxy cancels this request's task
+    # (asyncio.CancelledError here; polling is_disconnected() would cost the proxy a round trip
+    # per poll). Under uvicorn, is_disconnected() is cheap and polled. Either way the replica's
+    # call is cancelled, and its ImageServing drops the job.
+
+    def _request_id(self) -> dict[str, Any]:
+        return {"request_id": _ray_request_id()} if self.behind_proxy else {}  # else the replica makes one
+
+    def _headers(self, headers: dict[str, str]) -> dict[str, str]:
+        return _drop_request_id(headers) if self.behind_proxy else headers
+
+    async def _until_done_or_gone(self, awaitable: Any, http_request: Any) -> Any:
+        if self.behind_proxy or http_request is None:
+            return await awaitable
+        task = asyncio.ensure_future(awaitable)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.poll_s)
                 if done:
-                    return _without_request_id(task.result())
-                if http_request is not None and await http_request.is_disconnected():
+                    return task.result()
+                if await http_request.is_disconnected():
                     raise Cancelled("the client disconnected", status=499)
         finally:
             if not task.done():
-                response.cancel()
                 task.cancel()
-                # Its outcome (the replica's own Cancelled) has no reader now: retrieve it so
-                # asyncio does not log it as an unhandled error.
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody reads it now
 
-    @staticmethod
-    async def _result(response: Any) -> Any:
+    async def _call(self, http_request: Any, method: str, *args: Any) -> Any:
+        response = getattr(self.handle, method).remote(*args, **(self._request_id() if http_request is not None else {}))
+        self.ongoing += 1
         try:
-            out = await response
+            out = await self._until_done_or_gone(response, http_request)
+        except (asyncio.CancelledError, Cancelled):
+            response.cancel()
+            raise
         except Exception as e:  # noqa: BLE001 - mapped to what the client sees
             raise _unwrap(e) from None
+        finally:
+            self.ongoing -= 1
         if isinstance(out, Refused):
             raise out.error
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], dict):
+            return out[0], self._headers(out[1])
         return out
 
     async def _stream(self, http_request: Any, method: str, *args: Any) -> tuple[AsyncIterator[str], dict[str, str]]:
         """The replica's admission answers before the stream starts (a refusal stays a JSON 4xx);
-        then its events are relayed, and a client that leaves cancels the replica's stream."""
-        gen = getattr(self.handle.options(stream=True), method).remote(*args, request_id=_ray_request_id())
+        then its events are relayed."""
+        gen = getattr(self.handle.options(stream=True), method).remote(*args, **self._request_id())
         try:
-            headers = await gen.__anext__()
+            headers = await self._until_done_or_gone(gen.__anext__(), http_request)
+        except (asyncio.CancelledError, Cancelled):
+            gen.cancel()
+            raise
         except Exception as e:  # noqa: BLE001
             raise _unwrap(e) from None
         if isinstance(headers, Refused):
             raise headers.error
-        return self._relay(gen, http_request), _drop_request_id(headers)
+        return self._relay(gen, http_request), self._headers(headers)
 
     async def _relay(self, gen: Any, http_request: Any) -> AsyncIterator[str]:
         from .protocol import error_body
         from .serving import sse
 
         finished = False
+        self.ongoing += 1
         try:
             while True:
-                task = asyncio.ensure_future(gen.__anext__())
-                while True:
-                    done, _ = await asyncio.wait({task}, timeout=self.poll_s)
-                    if done:
-                        break
-                    if await http_request.is_disconnected():
-                        task.cancel()
-                        return
                 try:
-                    event = task.result()
+                    event = await self._until_done_or_gone(gen.__anext__(), http_request)
                 except StopAsyncIteration:
                     finished = True
+                    return
+                except (asyncio.CancelledError, Cancelled):
                     return
                 except Exception as e:  # noqa: BLE001 - the replica died mid-stream: say so, in the error shape
                     finished = True
@@ -351,34 +376,46 @@ class RemoteServing:
                     return
                 yield event
         finally:
+            self.ongoing -= 1
             if not finished:
                 gen.cancel()
+
+
+def start_metrics_hub() -> None:
+    """The replicas push their metrics to it; it lives as long as the app (a restarted
+    ingress finds the same one)."""
+    import ray
+
+    ray.remote(MetricsHub).options(name=HUB, namespace="serve", get_if_exists=True, lifetime="detached", num_cpus=0).remote()
 
 
 class Ingress:
     """The HTTP side: `omni serve`'s own app (routes, guard, errors, playground) over RemoteServing."""
 
     def __init__(self, model: Any, options: ServerOptions, api_key_env: str | None = None) -> None:
-        import ray
-
         if api_key_env:  # read where the ingress runs (a cluster's pods carry the secret), not where the app was built
             from dataclasses import replace
 
             options = replace(options, api_key=os.environ.get(api_key_env) or None)
         self.model, self.options = model, options
-        # The metrics hub lives as long as the app; a restarted ingress finds the same one.
-        ray.remote(MetricsHub).options(name=HUB, namespace="serve", get_if_exists=True, lifetime="detached", num_cpus=0).remote()
+        start_metrics_hub()
 
     def __serve_build_asgi_app__(self) -> Any:
         from .app import create_app
 
-        return create_app(self.options, None, serving=RemoteServing(self.options, self.model))
+        return create_app(self.options, None, serving=RemoteServing(self.options, self.model, behind_proxy=True))
 
 
-def build_app(spec: ReplicaSpec, replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
-              gpus_per_replica: float | None = None, api_key_env: str | None = None) -> Any:
-    """The Ray Serve application (also what deploy/kuberay's serveConfigV2 imports through
-    `app_builder`). One GPU per replica where this machine has CUDA, else one CPU."""
+# Our deployments' methods never block their event loop (a replica's pipeline runs on its
+# scheduler's thread), so Ray Serve need not run them on a second loop in a thread of their own:
+# that hop cost a replica ~90 ms a request here, and GIL time off the denoise loop.
+SAME_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
+
+
+def model_app(spec: ReplicaSpec, replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
+              gpus_per_replica: float | None = None) -> Any:
+    """The model replicas as a Ray Serve application. One GPU per replica where this machine
+    has CUDA, else one CPU."""
     from ray import serve
 
     if gpus_per_replica is None:
@@ -386,9 +423,10 @@ def build_app(spec: ReplicaSpec, replicas: int = 1, min_replicas: int | None = N
 
         gpus_per_replica = 1.0 if torch.cuda.is_available() else 0.0
     actor = {"num_gpus": gpus_per_replica} if gpus_per_replica else {"num_cpus": 1}
+    actor["runtime_env"] = SAME_LOOP
     # A replica takes its own queue and batch (so its bounded queue and 429 hold); Ray's queue in
     # front of the replicas is bounded as well (as deep as all the replicas' queues: requests wait
-    # there a moment while the router picks a replica), and answers 429 through the ingress once full.
+    # there a moment while the router picks a replica), and answers 429 through the app once full.
     ongoing = spec.options.max_queue + spec.options.max_batch_size
     queued = spec.options.max_queue * max(replicas, max_replicas or 1)
     scaling: dict[str, Any] = {"num_replicas": replicas}
@@ -400,15 +438,26 @@ def build_app(spec: ReplicaSpec, replicas: int = 1, min_replicas: int | None = N
     model = serve.deployment(ModelReplica, name="ModelReplica", ray_actor_options=actor, max_ongoing_requests=ongoing,
                              max_queued_requests=queued, graceful_shutdown_timeout_s=spec.options.drain_timeout_s,
                              health_check_period_s=5, **scaling)
-    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0},
+    return model.bind(spec)
+
+
+def build_app(spec: ReplicaSpec, replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
+              gpus_per_replica: float | None = None, api_key_env: str | None = None) -> Any:
+    """The app for a Ray cluster's own HTTP proxy (deploy/kuberay's serveConfigV2 imports it
+    through `app_builder`): the HTTP app as an ingress deployment over the model replicas."""
+    from ray import serve
+
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", ray_actor_options={"num_cpus": 0, "runtime_env": SAME_LOOP},
                                max_ongoing_requests=10_000)
-    return ingress.bind(model.bind(spec), spec.options, api_key_env)
+    return ingress.bind(model_app(spec, replicas, min_replicas, max_replicas, gpus_per_replica), spec.options, api_key_env)
 
 
 def app_builder(args: dict[str, Any]) -> Any:
     """Ray Serve's application builder for config files (deploy/kuberay/rayservice.yaml):
     args are `model`, `engine_dir`, `runtime`, `served_model_name`, `replicas`, `max_queue`,
-    `max_batch_size`, `min_replicas`, `max_replicas`, `api_key_env` (the variable holding the key)."""
+    `max_batch_size`, `min_replicas`, `max_replicas`, `gpus_per_replica` (default 1: the app is
+    built on the head, which need not have the GPUs the replicas get) and `api_key_env` (the
+    variable holding the key)."""
     names = args.get("served_model_name") or args.get("model") or "omni-trt"
     options = ServerOptions(
         served_model_name=names if isinstance(names, str) else names[0],
@@ -418,39 +467,49 @@ def app_builder(args: dict[str, Any]) -> Any:
     )
     spec = ReplicaSpec(model=args.get("model"), engine_dir=args.get("engine_dir"), runtime=args.get("runtime", "auto"), options=options)
     return build_app(spec, int(args.get("replicas", 1)), args.get("min_replicas"), args.get("max_replicas"),
-                     api_key_env=args.get("api_key_env"))
+                     gpus_per_replica=float(args.get("gpus_per_replica", 1)), api_key_env=args.get("api_key_env"))
 
 
-def run(spec: ReplicaSpec, host: str, port: int, replicas: int, min_replicas: int | None = None, max_replicas: int | None = None,
-        address: str | None = None, ready: threading.Event | None = None) -> int:
-    """Start (or join) a Ray cluster, deploy, serve until SIGINT/SIGTERM, then shut down
-    gracefully: Ray Serve lets each replica finish its requests (up to --drain-timeout)."""
-    import signal
-
+def run(spec: ReplicaSpec, net: Any, replicas: int, min_replicas: int | None = None, max_replicas: int | None = None,
+        address: str | None = None) -> int:
+    """`omni serve --replicas`: start (or join) a Ray cluster, deploy the model replicas, and
+    serve the HTTP app here under uvicorn (its limits, drain and request ids as without Ray),
+    calling the replicas through a handle. On SIGINT/SIGTERM: the app drains (new requests
+    503, those under way finish, up to --drain-timeout), then Ray Serve drains the replicas."""
     import ray
     from ray import serve
+
+    from .app import create_app
+    from .run import make_server
 
     t0 = time.perf_counter()
     ray.init(address=address, namespace="serve", include_dashboard=False, logging_level=logging.WARNING,
              **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas + 1)}))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(spec, replicas, min_replicas, max_replicas), name=APP_NAME, route_prefix="/")
+        serve.start(proxy_location="Disabled")  # the HTTP side is this process's
+        start_metrics_hub()
+        handle = serve.run(model_app(spec, replicas, min_replicas, max_replicas), name=APP_NAME, route_prefix=None)
+        app = create_app(spec.options, None, serving=RemoteServing(spec.options, handle, behind_proxy=False))
         log.info("serving %s on http://%s:%d with %d replica(s) on Ray (started in %.1f s)", spec.options.served_model_name,
-                 host, port, replicas, time.perf_counter() - t0)
-        if ready is not None:
-            ready.set()
-        stop.wait()
-        log.info("shutting down: Ray Serve drains the replicas (up to %.0f s)", spec.options.drain_timeout_s)
+                 net.host, net.port, replicas, time.perf_counter() - t0)
+        # uvicorn re-raises the signal that stopped it once it is down; SIGTERM's default action
+        # would end this process there, before the replicas and the local cluster are shut down.
+        signal.signal(signal.SIGTERM, _exit_143)
+        make_server(app, net).run()
         return 0
     finally:
+        log.info("shutting down: Ray Serve drains the replicas (up to %.0f s)", spec.options.drain_timeout_s)
         try:
-            serve.shutdown()
+            if address:
+                serve.delete(APP_NAME)  # a shared cluster: only this app goes
+            else:
+                serve.shutdown()
         finally:
             ray.shutdown()
 
 
-__all__ = ["APP_NAME", "REPLICA_HEADER", "ReplicaSpec", "app_builder", "build_app", "run"]
+def _exit_143(*_: Any) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+__all__ = ["APP_NAME", "REPLICA_HEADER", "ReplicaSpec", "app_builder", "build_app", "model_app", "run"]
