@@ -19,7 +19,7 @@ $(VENV)/.serve: pyproject.toml | $(BIN)/python
 
 $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,rtx]"
+	$(BIN)/pip install -q -e ".[test,rtx,ray]"
 	touch $@ $(VENV)/.serve
 
 .PHONY: serve test install clean

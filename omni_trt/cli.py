@@ -112,7 +112,7 @@ def _engine_dir_model(engine_dir: str | None) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .runtime.loader import check_runtime
     from .server.app import ServerOptions, create_app
-    from .server.run import NetOptions, make_server
+    from .server.run import make_server
 
     if args.model is not None:
         from .models import detect_family
@@ -131,8 +131,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_megapixel_steps=args.max_megapixel_steps, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
         max_input_pixels=int(args.max_input_megapixels * 1e6), allowed_image_hosts=tuple(args.allow_image_host),
     )
+    if args.replicas or args.min_replicas or args.max_replicas:
+        return _serve_on_ray(args, options)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     app = create_app(options, _loader(args, args.warmup_size))
-    server = make_server(app, NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower()))
+    server = make_server(app, _net_options(args))
     state = app.state.omni
     state.on_load_error = lambda e: setattr(server, "should_exit", True)
     log.info("serving %s on http://%s:%d (loading the model in the background; /health says when ready)", name, args.host, args.port)
@@ -141,6 +147,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: the model failed to load: {state.load_error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _net_options(args: argparse.Namespace) -> Any:
+    from .server.run import NetOptions
+
+    return NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower())
+
+
+def _serve_on_ray(args: argparse.Namespace, options: Any) -> int:
+    """--replicas: Ray Serve runs the same app as ingress and the model replicas (Ray is imported here only)."""
+    try:
+        from .server.ray_app import ReplicaSpec, run
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "ray":
+            raise UsageError("--replicas needs Ray Serve: pip install 'omni-trt[ray]'", "--replicas") from None
+        raise
+    from .runtime.pipeline import LoadOptions
+
+    load = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
+                       warmup_size=args.warmup_size)
+    spec = ReplicaSpec(model=args.model, engine_dir=args.engine_dir, runtime=args.runtime, load=load, options=options, threads=args.threads)
+    return run(spec, _net_options(args), args.replicas or args.min_replicas or 1, args.min_replicas, args.max_replicas, args.ray_address)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -230,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-alive", type=positive_float, default=5, metavar="S", help="idle keep-alive connections close after S seconds (default: 5)")
     g.add_argument("--drain-timeout", type=positive_float, default=30, metavar="S", help="on SIGINT/SIGTERM: new requests get 503 and the "
                    "backlog may finish for S seconds; what is left then gets 503 (default: 30). A second signal skips the wait")
+    g = p.add_argument_group("scale out (Ray Serve)", "the same API served by N model replicas, one GPU each (one CPU each "
+                             "without CUDA); pip install 'omni-trt[ray]'")
+    g.add_argument("--replicas", type=positive_int, default=None, metavar="N", help="model replicas (default: none, one process, Ray not used)")
+    g.add_argument("--min-replicas", type=positive_int, default=None, metavar="N", help="autoscale on ongoing requests, from N replicas")
+    g.add_argument("--max-replicas", type=positive_int, default=None, metavar="N", help="... up to N replicas")
+    g.add_argument("--ray-address", default=None, metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); "
+                   "default: start a local one")
+    g.add_argument("--threads", type=positive_int, default=None, metavar="T", help="torch CPU threads (per replica with --replicas; default: torch's)")
     g = p.add_argument_group("torch-compile")
     g.add_argument("--warmup-size", default=None, metavar="WxH", help=(
         "--runtime torch-compile: the image size compiled and warmed up before /health says ready (default: the family's "

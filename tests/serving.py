@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
@@ -70,3 +71,17 @@ def live_server(load: Callable[[], Any], wait_ready: bool = True, **options: Any
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def ray_replica_pids() -> list[int]:
+    """Live model replicas, by the process title Ray gives an actor's worker
+    (`ray::ServeReplica:<app>:<deployment>`); the state API would need Ray's dashboard."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:  # gone meanwhile, or not a process
+            continue
+        if proc.name.isdigit() and title.startswith(b"ray::ServeReplica:omni:ModelReplica"):
+            pids.append(int(proc.name))
+    return pids

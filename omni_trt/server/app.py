@@ -78,8 +78,11 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime]) -> FastAPI:
-    serving = ImageServing(options, load)
+def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime] | None, serving: Any = None) -> FastAPI:
+    """The app over a serving object: ImageServing(options, load) by default, which loads the
+    runtime in the background once the server listens; or one given (Ray Serve's ingress passes
+    its RemoteServing, whose runtimes live in the model replicas)."""
+    serving = serving or ImageServing(options, load)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 disable_created_metrics()  # *_created series double the output and say nothing useful here
 
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-KNOWN_ROUTES = ("/v1/images/generations", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+KNOWN_ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
 class Metrics:
@@ -55,3 +55,55 @@ class RequestCounter:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.observe_request(scope.get("path", ""), status[0])
+
+
+# Series only the ingress has (HTTP), left out of what the replicas report.
+INGRESS_ONLY = frozenset({"omni_requests"})  # by exact name: omni_requests_cancelled is a replica's
+
+
+def own_metrics(metrics: Metrics) -> bytes:
+    """An ingress's own series: its HTTP counters (the rest of its registry stays empty)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    class Only:
+        def collect(self):
+            return [f for f in metrics.registry.collect() if f.name in INGRESS_ONLY]
+
+    registry = CollectorRegistry()
+    registry.register(Only())
+    return generate_latest(registry)
+
+
+def merge_replica_metrics(replicas: dict[str, str]) -> str:
+    """Prometheus text of several replicas as one: each sample with a `replica` label, and the
+    sum over replicas with replica="all" (counters, gauges and histogram parts all add up)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, tuple[str, str, dict[tuple, float], list[tuple[str, dict[str, str], float]]]] = {}
+    for replica, text in sorted(replicas.items()):
+        for fam in text_string_to_metric_families(text):
+            if fam.name in INGRESS_ONLY:
+                continue
+            _, _, totals, samples = families.setdefault(fam.name, (fam.type, fam.documentation, {}, []))
+            for s in fam.samples:
+                samples.append((s.name, {**s.labels, "replica": replica}, s.value))
+                key = (s.name, tuple(sorted(s.labels.items())))
+                totals[key] = totals.get(key, 0.0) + s.value
+    lines = []
+    for name, (kind, doc, totals, samples) in families.items():
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+        for sample, labels, value in samples:
+            lines.append(_sample(sample, labels, value))
+        for (sample, labels), value in totals.items():
+            lines.append(_sample(sample, {**dict(labels), "replica": "all"}, value))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _sample(name: str, labels: dict[str, str], value: float) -> str:
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    return f"{name}{{{inner}}} {value!r}"
+
+
+def _escape(v: str) -> str:
+    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 
-from ..errors import OmniError
 from . import playground
 from .protocol import (
     ChatBody,
@@ -43,6 +42,11 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 GENERATE_ERRORS = _errors(400, 401, 422, 429, 500, 503)
 
+
+def sse_response(events: Any, headers: dict[str, str]) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies (nginx honours X-Accel-Buffering)."""
+    return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
 router = APIRouter()
 v1 = APIRouter(prefix="/v1")
 
@@ -55,22 +59,17 @@ async def index() -> Response:
 
 @router.get("/health", response_model=HealthResponse, responses=_errors(503))
 async def health(s: ImageServing = Depends(serving)) -> Any:
-    info = s.runtime_info()
-    if info is None:
-        raise OmniError(s.not_ready_message(), status=503)
-    return HealthResponse(model=s.options.served_model_name, **info.model_dump())
+    return await s.health()
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 async def metrics(s: ImageServing = Depends(serving)) -> Response:
-    if s.scheduler:
-        s.metrics.queue_depth.set(s.scheduler.depth())
-    return Response(s.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(await s.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @v1.get("/models", response_model=ModelList, response_model_exclude_unset=True, responses=_errors(401))
 async def models(s: ImageServing = Depends(serving)) -> Any:
-    return s.models()
+    return await s.list_models()
 
 
 STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
@@ -82,11 +81,9 @@ STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
 @v1.post("/images/generations", response_model=ImagesResponse, responses={**GENERATE_ERRORS, 200: {"content": STREAM}})
 async def images(body: ImageGenerationBody, request: Request, response: Response, s: ImageServing = Depends(serving)) -> Any:
     if body.stream:
-        events, request_id = await s.stream_images(request, body)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"X-Request-Id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    out, request_id = await s.create_images(request, body)
-    response.headers["X-Request-Id"] = request_id
+        return sse_response(*await s.stream_images(request, body))
+    out, headers = await s.create_images(request, body)
+    response.headers.update(headers)
     return out
 
 
@@ -111,17 +108,15 @@ async def edits(
     files = [("image", await f.read()) for f in image or []] + [("image[]", await f.read()) for f in images or []]
     mask_bytes = await mask.read() if mask is not None else None
     if form.stream:
-        events, request_id = await s.stream_edit(request, form, files, mask_bytes)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"X-Request-Id": request_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    out, request_id = await s.create_edit(request, form, files, mask_bytes)
-    response.headers["X-Request-Id"] = request_id
+        return sse_response(*await s.stream_edit(request, form, files, mask_bytes))
+    out, headers = await s.create_edit(request, form, files, mask_bytes)
+    response.headers.update(headers)
     return out
 
 
 @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATE_ERRORS)
 async def chat(body: ChatBody, request: Request, response: Response, s: ImageServing = Depends(serving)) -> Any:
-    out, request_id = await s.create_chat(request, body)
-    response.headers["X-Request-Id"] = request_id
+    out, headers = await s.create_chat(request, body)
+    response.headers.update(headers)
     return out
 

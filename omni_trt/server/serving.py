@@ -36,6 +36,7 @@ from .protocol import (
     ChatCompletionResponse,
     ChatImageParams,
     ChatUsage,
+    HealthResponse,
     CompletedImageEvent,
     ImageData,
     ImageEditForm,
@@ -145,21 +146,24 @@ class ImageServing:
 
     # ---- lifecycle ----
 
+    def start(self, runtime: PipelineRuntime) -> None:
+        """Serve `runtime`: its scheduler and worker, and the limits it sets."""
+        # One cap for both: batching stops there, and a larger request runs in chunks of it
+        # (a 10-image request is never one 10-image call that could run out of memory).
+        cap = runtime.max_batch(self.options.max_batch_size)
+        scheduler = Scheduler(lambda reqs, stop, preview: runtime.generate(reqs, cap, stop, preview), self.options.max_queue, cap, self._on_batch)
+        scheduler.start()
+        tokens = runtime.max_prompt_tokens
+        if self.options.max_prompt_tokens:
+            tokens = min(tokens, self.options.max_prompt_tokens)
+        self.caps = RequestCaps(tokens, self.options.max_megapixel_steps)
+        self.scheduler, self.runtime = scheduler, runtime
+        log.info("ready: %s", runtime.describe())
+
     def load_in_background(self) -> threading.Thread:
         def run() -> None:
             try:
-                runtime = self.load()
-                # One cap for both: batching stops there, and a larger request runs in chunks of it
-                # (a 10-image request is never one 10-image call that could run out of memory).
-                cap = runtime.max_batch(self.options.max_batch_size)
-                scheduler = Scheduler(lambda reqs, stop, preview: runtime.generate(reqs, cap, stop, preview), self.options.max_queue, cap, self._on_batch)
-                scheduler.start()
-                tokens = runtime.max_prompt_tokens
-                if self.options.max_prompt_tokens:
-                    tokens = min(tokens, self.options.max_prompt_tokens)
-                self.caps = RequestCaps(tokens, self.options.max_megapixel_steps)
-                self.scheduler, self.runtime = scheduler, runtime
-                log.info("ready: %s", runtime.describe())
+                self.start(self.load())
             except BaseException as e:  # noqa: BLE001 - reported to the operator, server stops
                 self.load_error = f"{type(e).__name__}: {e}"
                 log.error("model failed to load: %s", self.load_error)
@@ -233,6 +237,20 @@ class ImageServing:
     def runtime_info(self) -> RuntimeInfo | None:
         return RuntimeInfo(**self.runtime.describe()) if self.runtime and not self.draining else None
 
+    async def health(self) -> HealthResponse:
+        info = self.runtime_info()
+        if info is None:
+            raise OmniError(self.not_ready_message(), status=503)
+        return HealthResponse(model=self.options.served_model_name, **info.model_dump())
+
+    async def list_models(self) -> ModelList:
+        return self.models()
+
+    async def render_metrics(self) -> bytes:
+        if self.scheduler:
+            self.metrics.queue_depth.set(self.scheduler.depth())
+        return self.metrics.render()
+
     def models(self) -> ModelList:
         """The model card; runtime fields only once loaded (served with exclude_unset)."""
         fields: dict[str, Any] = {}
@@ -264,7 +282,8 @@ class ImageServing:
         inputs = inputs or [(None, None)]
         if inputs[0][0] is not None and runtime.edit_unavailable:
             raise ComponentNotBuilt(runtime.edit_unavailable)
-        request_id = uuid.uuid4().hex
+        # An id the caller chose (Ray Serve's ingress passes its own, so logs and headers agree), else ours.
+        request_id = getattr(http_request, "request_id", None) or uuid.uuid4().hex
         requests: list[GenerationRequest] = []
         try:
             for j, (image, mask) in enumerate(inputs):
@@ -323,16 +342,16 @@ class ImageServing:
                     output_format=body.output_format, output_compression=body.output_compression,
                     quality=body.quality, background=body.background)
 
-    async def create_images(self, http_request: Request, body: ImageGenerationBody) -> tuple[ImagesResponse, str]:
+    async def create_images(self, http_request: Request, body: ImageGenerationBody) -> tuple[ImagesResponse, dict[str, str]]:
         a, images = await self.generate(http_request, body.model, body.prompt, f"images user={escape(body.user)}", **self._image_fields(body))
         response = ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in images], usage=a.usage(), **a.describe())
-        return response, a.request.request_id
+        return response, self.headers(a)
 
-    async def stream_images(self, http_request: Request, body: ImageGenerationBody) -> tuple[AsyncIterator[str], str]:
+    async def stream_images(self, http_request: Request, body: ImageGenerationBody) -> tuple[AsyncIterator[str], dict[str, str]]:
         """Admitted (or refused with a JSON 4xx) before the first event; then the events."""
         a = await self.admit(http_request, body.model, body.prompt, f"images user={escape(body.user)}", stream=True,
                              partial_images=body.partial_images, **self._image_fields(body))
-        return self._events(a, http_request, "generation"), a.request.request_id
+        return self._events(a, http_request, "generation"), self.headers(a)
 
     async def _edit_inputs(self, files: list[tuple[str, bytes]], mask: bytes | None) -> list[tuple[Any, Any]]:
         """Decoded (image, mask) pairs, off the event loop; the mask goes with every image and
@@ -358,21 +377,21 @@ class ImageServing:
                     quality=form.quality, background=form.background, strength=form.strength)
 
     async def create_edit(self, http_request: Request, form: ImageEditForm, files: list[tuple[str, bytes]],
-                          mask: bytes | None) -> tuple[ImagesResponse, str]:
+                          mask: bytes | None) -> tuple[ImagesResponse, dict[str, str]]:
         self.ready()
         inputs = await self._edit_inputs(files, mask)
         a, images = await self.generate(http_request, form.model, form.prompt, f"edit user={escape(form.user)}", inputs=inputs,
                                         **self._edit_fields(form))
         response = ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in images], usage=a.usage(), **a.describe())
-        return response, a.request.request_id
+        return response, self.headers(a)
 
     async def stream_edit(self, http_request: Request, form: ImageEditForm, files: list[tuple[str, bytes]],
-                          mask: bytes | None) -> tuple[AsyncIterator[str], str]:
+                          mask: bytes | None) -> tuple[AsyncIterator[str], dict[str, str]]:
         self.ready()
         inputs = await self._edit_inputs(files, mask)
         a = await self.admit(http_request, form.model, form.prompt, f"edit user={escape(form.user)}", stream=True, inputs=inputs,
                              partial_images=form.partial_images, **self._edit_fields(form))
-        return self._events(a, http_request, "edit"), a.request.request_id
+        return self._events(a, http_request, "edit"), self.headers(a)
 
     async def _chat_images(self, urls: list[str]) -> list[tuple[str, bytes]]:
         """The bytes of a chat's image_url parts: data: URLs, or http(s) from allowed hosts."""
@@ -388,7 +407,7 @@ class ImageServing:
                                                           self.options.body_timeout_s, param)))
         return out
 
-    async def create_chat(self, http_request: Request, body: ChatBody) -> tuple[ChatCompletionResponse, str]:
+    async def create_chat(self, http_request: Request, body: ChatBody) -> tuple[ChatCompletionResponse, dict[str, str]]:
         self.ready()
         self.check_model(body.model)
         prompt = body.prompt()
@@ -416,7 +435,11 @@ class ImageServing:
             usage=ChatUsage(prompt_tokens=a.prompt_tokens, completion_tokens=a.usage().output_tokens,
                             total_tokens=a.usage().total_tokens),
         )
-        return response, a.request.request_id
+        return response, self.headers(a)
+
+    def headers(self, a: Admitted) -> dict[str, str]:
+        """Response headers of an admitted request (its id; under Ray, also the replica)."""
+        return {"X-Request-Id": a.request.request_id}
 
     def _abandon(self, a: Admitted, reason: Cancelled) -> None:
         """Cancel a request whose client left or whose deadline passed (every unfinished part of
@@ -467,6 +490,9 @@ class ImageServing:
                 images += self._result(job).images
         except Cancelled as reason:
             self._abandon(a, reason)
+            raise
+        except asyncio.CancelledError:  # the caller gave up on us (a Ray Serve ingress whose client left)
+            self._abandon(a, Cancelled("the client disconnected", status=499))
             raise
         except OmniError:
             self._abandon(a, Cancelled("another part of the request failed", status=500))
