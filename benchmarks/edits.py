@@ -10,23 +10,17 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests")]
-
-from serving import free_port  # noqa: E402
+from common import start_server, stop_server, write_result
 
 
 def rss_mb(pid: int) -> float:
@@ -43,20 +37,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cache = tempfile.mkdtemp(prefix="omni-edits-")
-    proc = subprocess.Popen([sys.executable, "-m", "omni_trt", "serve", "--port", str(port)], env={**os.environ, "OMNI_TRT_CACHE": cache},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_server([])
+    url = server.url
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         w, h = (int(v) for v in args.size.split("x"))
         gen = {"prompt": "a lighthouse on a cliff", "size": args.size, "num_inference_steps": args.steps, "seed": 1}
         with httpx.Client(base_url=url, timeout=600) as c:
@@ -67,7 +50,7 @@ def main() -> int:
             mask.save(buf, format="PNG")
             for _ in range(2):
                 c.post("/v1/images/generations", json=gen).raise_for_status()
-            rss_t2i = rss_mb(proc.pid)
+            rss_t2i = rss_mb(server.proc.pid)
             form = {"prompt": "a lighthouse at night", "size": args.size, "num_inference_steps": str(args.steps), "seed": "2"}
 
             def edit(with_mask: bool, strength: float) -> None:
@@ -84,13 +67,9 @@ def main() -> int:
                     t0 = time.perf_counter()
                     call()
                     times[name].append(time.perf_counter() - t0)
-            rss_edits = rss_mb(proc.pid)
+            rss_edits = rss_mb(server.proc.pid)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(server, 60)
     out = {
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
         "size": args.size,
@@ -100,11 +79,7 @@ def main() -> int:
         "rss_mb_after_edits": round(rss_edits, 1),
         "rss_growth_pct": round(100 * (rss_edits / rss_t2i - 1), 2),
     }
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return write_result(out, args.out)
 
 
 if __name__ == "__main__":

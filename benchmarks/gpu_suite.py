@@ -29,7 +29,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -236,9 +235,10 @@ class Suite:
 
     def concurrency(self, timeout: float, model_dir: str) -> dict[str, Any]:
         import httpx
+        from common import free_port
 
         deadline = time.monotonic() + timeout
-        port = _free_port()
+        port = free_port()
         n = self.plan.requests
         log_path = self.work / "serve.log"
         with log_path.open("w") as log:
@@ -399,12 +399,6 @@ def _kill(proc: subprocess.Popen) -> None:
 def _tail(path: Path, chars: int = 1500) -> str:
     text = path.read_text(errors="replace") if path.is_file() else ""
     return text[-chars:].strip() or "(no output)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _pipeline_calls(client: Any) -> int:

@@ -10,25 +10,17 @@ Defaults: 200 requests at concurrency 32, 64x64 at 2 steps, one request in ten m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from serving import free_port  # noqa: E402
+from common import start_server, stop_server, write_result
 
 BAD = [  # what careless clients send; each must be a 4xx without disturbing the rest
     b'{"prompt": "a \\ud800 fox", "size": "64x64"}',
@@ -54,22 +46,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cache = tempfile.mkdtemp(prefix="omni-load-")
-    log = open(Path(cache) / "serve.log", "w")
-    env = {**os.environ, "OMNI_TRT_CACHE": cache}
-    proc = subprocess.Popen([sys.executable, "-m", "omni_trt", "serve", "--port", str(port), "--max-queue", str(args.requests)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    server = start_server(["--max-queue", str(args.requests)])
+    url = server.url
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
         good = {"prompt": "a fox in the snow", "size": args.size, "num_inference_steps": args.steps}
 
         def send(i: int) -> tuple[str, int | str, float]:
@@ -92,14 +71,8 @@ def main() -> int:
         wall = time.perf_counter() - t0
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = "killed"
-        log.close()
-    server_log = (Path(cache) / "serve.log").read_text()
+        code = stop_server(server, 60)
+    server_log = server.log.read_text()
     by_kind: dict[str, dict] = {}
     for kind in ("good", "bad"):
         rows = [r for r in results if r[0] == kind]
@@ -131,10 +104,7 @@ def main() -> int:
         "server_exit": code,
         "server_log_tracebacks": server_log.count("Traceback"),
     }
-    text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    write_result(out, args.out)
     return 0 if out["lost"] == 0 and out["server_5xx"] == 0 else 1
 
 

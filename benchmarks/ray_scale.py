@@ -22,7 +22,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,34 +33,8 @@ import httpx
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests")]
 
-from serving import free_port, ray_replica_pids  # noqa: E402
-
-
-def start(extra: list[str], cache: str) -> tuple[subprocess.Popen, str, float]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMNI_TRT_CACHE": cache, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"}
-    t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "omni_trt", "serve", "--port", str(port), "--threads", "1", *extra],
-                            env=env, stdout=(Path(cache) / f"serve{'-'.join(extra)}.log").open("w"), stderr=subprocess.STDOUT)
-    while time.monotonic() - t0 < 600:
-        if proc.poll() is not None:
-            raise SystemExit(f"omni serve {' '.join(extra)} exited with {proc.returncode}; its log is in {cache}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url, time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the server did not become ready in 600 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+from common import start_server, stop_server, write_result  # noqa: E402
+from serving import ray_replica_pids  # noqa: E402
 
 
 def median_ms(fn, n: int) -> float:
@@ -195,16 +168,15 @@ def main() -> int:
     # here without Ray: the ceiling for the replicas); ray_N: --replicas N.
     common = ["--max-batch-size", str(args.max_batch_size)] if args.max_batch_size else []
     for name, runs in (("single", [[]]), ("two_processes", [[], []]), (f"ray_{args.replicas}", [["--replicas", str(args.replicas)]])):
-        started = [start(common + extra, cache) for extra in runs]
-        procs = [p for p, _, _ in started]
+        servers = [start_server(["--threads", "1", *common, *extra], cache, env={"RAY_DEDUP_LOGS": "0"}) for extra in runs]
         try:
-            out[name] = {"start_s": round(max(s for _, _, s in started), 1),
-                         **measure([u for _, u, _ in started], body, args.concurrency, args.requests, args.repeats, [p.pid for p in procs])}
+            out[name] = {"start_s": round(max(s.started_s for s in servers), 1),
+                         **measure([s.url for s in servers], body, args.concurrency, args.requests, args.repeats, [s.proc.pid for s in servers])}
             if name.startswith("ray_"):
-                out["kill_test"] = kill_test(started[0][1], body, args.concurrency, 40)
+                out["kill_test"] = kill_test(servers[0].url, body, args.concurrency, 40)
         finally:
-            for p in procs:
-                stop(p)
+            for s in servers:
+                stop_server(s)
         print(name, json.dumps(out[name]), flush=True)
     ray, single = out[f"ray_{args.replicas}"], out["single"]
     out["throughput_ratio"] = round(ray["images_per_s"] / single["images_per_s"], 2)
@@ -212,8 +184,7 @@ def main() -> int:
     out["ray_hop_ms"] = {"generation": round(ray["one_request_ms"] - single["one_request_ms"], 1),
                          "models": round(ray["models_ms"] - single["models_ms"], 2)}
     print(json.dumps({k: out[k] for k in ("throughput_ratio", "two_processes_ratio", "ray_hop_ms", "kill_test")}, indent=1))
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_result(out, args.out)
     return 0
 
 

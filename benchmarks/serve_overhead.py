@@ -9,7 +9,6 @@ MODEL defaults to the embedded demo model. Results are JSON (medians and all sam
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import platform
 import statistics

@@ -8,53 +8,25 @@
    server's own VAE-decode time for one image (its /metrics), which is what a partial should cost.
 2. Abandonment: a long request (256x256, 50 steps) whose client leaves after 0.3 s, then a small
    one: how long the small one waited behind the abandoned work. `--abandon-only` runs just this
-   part (it needs nothing but HTTP, so it measures older servers too).
+   part (it needs nothing but HTTP, so it measures older servers too: copy this file and
+   common.py into an older checkout's benchmarks/).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
+from common import start_server, stop_server, write_result
+
 GEN = "/v1/images/generations"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server() -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    cache = Path(tempfile.mkdtemp(prefix="omni-stream-"))
-    log = open(cache / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "omni_trt", "serve", "--port", str(port), "--max-batch-size", "1"],
-                            env={**os.environ, "OMNI_TRT_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url, cache
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("server did not start")
 
 
 def stream_once(c: httpx.Client, body: dict) -> tuple[float, float, int]:
@@ -138,23 +110,16 @@ def main() -> int:
     ap.add_argument("--abandon-only", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    proc, url, _ = start_server()
+    server = start_server(["--max-batch-size", "1"])
+    url = server.url
     try:
         result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
         if not args.abandon_only:
             result["streaming"] = bench_streaming(url, args.repeats)
         result["abandon"] = bench_abandon(url)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+        stop_server(server, 60)
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

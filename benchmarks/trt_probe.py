@@ -14,7 +14,6 @@ per process (polygraphy binds one), so the GPU suite runs this once per installe
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import write_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 from omni_trt.enginedir import trt_flavor  # noqa: E402
@@ -160,11 +160,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         result = probe(args.flavor, TINY if args.tiny else REAL, args.opt_level if args.opt_level is not None else (0 if args.tiny else 3), Path(tmp))
     result.update(python=platform.python_version(), seconds=round(time.perf_counter() - t0, 3))
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from ..errors import Cancelled, OmniError
+from ..errors import Cancelled, OmniError, UsageError
 from ..runtime.pipeline import LoadOptions
 from .metrics import Metrics, merge_replica_metrics, own_metrics
 from .serving import ImageServing, ServerOptions, internal_error
@@ -412,6 +412,27 @@ class Ingress:
 SAME_LOOP = {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}
 
 
+def replica_options(options: ServerOptions, replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
+                    gpus_per_replica: float = 0.0) -> dict[str, Any]:
+    """serve.deployment's options for the model replicas (pure)."""
+    if min_replicas is not None and max_replicas is not None and min_replicas > max_replicas:
+        raise UsageError(f"--min-replicas {min_replicas} is more than --max-replicas {max_replicas}", "--min-replicas")
+    actor: dict[str, Any] = {"num_gpus": gpus_per_replica} if gpus_per_replica else {"num_cpus": 1}
+    actor["runtime_env"] = SAME_LOOP
+    scaling: dict[str, Any] = {"num_replicas": replicas}
+    if min_replicas is not None or max_replicas is not None:
+        lo = min_replicas if min_replicas is not None else 1
+        hi = max_replicas if max_replicas is not None else max(lo, replicas)
+        scaling = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, min(replicas, hi)),
+                                          "target_ongoing_requests": max(1, options.max_batch_size)}}
+    # A replica takes its own queue and batch (so its bounded queue and 429 hold); Ray's queue in
+    # front of the replicas is bounded as well (as deep as all the replicas' queues: requests wait
+    # there a moment while the router picks a replica), and answers 429 through the app once full.
+    return {"ray_actor_options": actor, "max_ongoing_requests": options.max_queue + options.max_batch_size,
+            "max_queued_requests": options.max_queue * max(replicas, max_replicas or 1),
+            "graceful_shutdown_timeout_s": options.drain_timeout_s, "health_check_period_s": 5, **scaling}
+
+
 def model_app(spec: ReplicaSpec, replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
               gpus_per_replica: float | None = None) -> Any:
     """The model replicas as a Ray Serve application. One GPU per replica where this machine
@@ -422,23 +443,8 @@ def model_app(spec: ReplicaSpec, replicas: int = 1, min_replicas: int | None = N
         import torch
 
         gpus_per_replica = 1.0 if torch.cuda.is_available() else 0.0
-    actor = {"num_gpus": gpus_per_replica} if gpus_per_replica else {"num_cpus": 1}
-    actor["runtime_env"] = SAME_LOOP
-    # A replica takes its own queue and batch (so its bounded queue and 429 hold); Ray's queue in
-    # front of the replicas is bounded as well (as deep as all the replicas' queues: requests wait
-    # there a moment while the router picks a replica), and answers 429 through the app once full.
-    ongoing = spec.options.max_queue + spec.options.max_batch_size
-    queued = spec.options.max_queue * max(replicas, max_replicas or 1)
-    scaling: dict[str, Any] = {"num_replicas": replicas}
-    if min_replicas is not None or max_replicas is not None:
-        lo = min_replicas if min_replicas is not None else 1
-        hi = max_replicas if max_replicas is not None else max(lo, replicas)
-        scaling = {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi, "initial_replicas": max(lo, min(replicas, hi)),
-                                          "target_ongoing_requests": max(1, spec.options.max_batch_size)}}
-    model = serve.deployment(ModelReplica, name="ModelReplica", ray_actor_options=actor, max_ongoing_requests=ongoing,
-                             max_queued_requests=queued, graceful_shutdown_timeout_s=spec.options.drain_timeout_s,
-                             health_check_period_s=5, **scaling)
-    return model.bind(spec)
+    opts = replica_options(spec.options, replicas, min_replicas, max_replicas, gpus_per_replica)
+    return serve.deployment(ModelReplica, name="ModelReplica", **opts).bind(spec)
 
 
 def build_app(spec: ReplicaSpec, replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
@@ -482,6 +488,7 @@ def run(spec: ReplicaSpec, net: Any, replicas: int, min_replicas: int | None = N
     from .app import create_app
     from .run import make_server
 
+    replica_options(spec.options, replicas, min_replicas, max_replicas)  # bad flags are refused before a cluster starts
     t0 = time.perf_counter()
     ray.init(address=address, namespace="serve", include_dashboard=False, logging_level=logging.WARNING,
              **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas + 1)}))
