@@ -35,11 +35,11 @@ WIDTHS = {
 PEAK_RSS_GB = 8.0
 
 
-def _vm_hwm_kib() -> int:
+def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _safetensors_dtypes(folder) -> set[str]:
@@ -130,11 +130,12 @@ def test_one_layer_full_width_builds_loads_and_generates(family, tmp_path):
 
     fam, out = family_by_name(family), tmp_path / family
     t0 = time.perf_counter()
-    # The build's own peak memory: Linux resets this process's high-water mark (VmHWM) on a
-    # write of 5 to clear_refs, so what the pytest process held before does not count.
+    # The build's own peak memory: a write of 5 to clear_refs resets this process's high-water
+    # mark (VmHWM) to what it holds now (the rest of the session's), which is then taken off.
     Path("/proc/self/clear_refs").write_text("5")
+    held = _status_kib("VmRSS")
     real(family).build_real_shapes(out, "bf16", overrides=ONE_LAYER[family])
-    peak = _vm_hwm_kib() / 2**20  # KiB -> GiB
+    peak = (_status_kib("VmHWM") - held) / 2**20  # KiB -> GiB
     built = time.perf_counter() - t0
 
     assert list((out / "transformer").glob("*.safetensors"))
