@@ -6,7 +6,7 @@
 1. Time to first event, and the added latency per partial image: the same request (256x256,
    8 steps) unstreamed and streamed with partial_images 0..3, interleaved, medians; next to the
    server's own VAE-decode time for one image (its /metrics), which is what a partial should cost.
-2. Abandonment: a long request (256x256, 50 steps) whose client leaves after 0.3 s, then a small
+2. Abandonment: a long request (512x512, 100 steps) whose client leaves after 0.3 s, then a small
    one: how long the small one waited behind the abandoned work. `--abandon-only` runs just this
    part (it needs nothing but HTTP, so it measures older servers too: copy this file and
    common.py into an older checkout's benchmarks/).
@@ -79,7 +79,8 @@ def bench_streaming(url: str, repeats: int) -> dict:
 
 
 def bench_abandon(url: str) -> dict:
-    long = {"prompt": "an abandoned request", "size": "256x256", "num_inference_steps": 50, "seed": 2}
+    # Long enough that running it out (what an older server did) is plain next to a step.
+    long = {"prompt": "an abandoned request", "size": "512x512", "num_inference_steps": 100, "seed": 2}
     small = {"prompt": "the next request", "size": "64x64", "num_inference_steps": 2, "seed": 3}
     with httpx.Client(base_url=url, timeout=600) as c:
         c.post(GEN, json=small).raise_for_status()

@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 # zlib level 1: on a 1024x1024 image, several times faster than Pillow's default (6) for a
-# slightly larger file; the response is base64 anyway. Measured: benchmarks/encode_bench.py.
+# slightly larger file; the response is base64 anyway. Measured: benchmarks/serve_overhead.py.
 PNG_COMPRESS_LEVEL = 1
 MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
