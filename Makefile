@@ -29,7 +29,7 @@ serve: $(VENV)/.serve
 	$(BIN)/omni serve $(MODEL) $(ARGS)
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q -ra $(ARGS)
+	$(BIN)/python -m pytest -q -ra --durations=12 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
