@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator
 from ..errors import Cancelled, OmniError, UsageError
 from ..runtime.pipeline import LoadOptions
 from .metrics import Metrics, merge_replica_metrics, own_metrics
-from .serving import ImageServing, ServerOptions, internal_error
+from .serving import ImageServing, ServerOptions, client_gone, internal_error
 
 log = logging.getLogger(__name__)
 
@@ -230,11 +230,10 @@ class RemoteServing:
     Otherwise it runs under `omni serve`'s own uvicorn (`--replicas` on one machine), which
     does those itself, one Ray hop from the replicas instead of three."""
 
-    def __init__(self, options: ServerOptions, handle: Any, behind_proxy: bool, poll_s: float = 0.1) -> None:
+    def __init__(self, options: ServerOptions, handle: Any, behind_proxy: bool) -> None:
         self.options = options
         self.handle = handle
         self.behind_proxy = behind_proxy
-        self.poll_s = poll_s
         self.metrics = Metrics()  # the HTTP counters; the replicas keep the rest
         self.draining: str | None = None
         self.runtime = handle  # what uvicorn's drain asks for: the runtimes are behind it
@@ -294,9 +293,9 @@ class RemoteServing:
     # ---- calls to a replica ----
 
     # A client that leaves: behind Ray's proxy, the proxy cancels this request's task
-    # (asyncio.CancelledError here; polling is_disconnected() would cost the proxy a round trip
-    # per poll). Under uvicorn, is_disconnected() is cheap and polled. Either way the replica's
-    # call is cancelled, and its ImageServing drops the job.
+    # (asyncio.CancelledError here; waiting on receive() would cost the proxy round trips).
+    # Under uvicorn, its http.disconnect is awaited. Either way the replica's call is
+    # cancelled, and its ImageServing drops the job.
 
     def _request_id(self) -> dict[str, Any]:
         return {"request_id": _ray_request_id()} if self.behind_proxy else {}  # else the replica makes one
@@ -308,14 +307,14 @@ class RemoteServing:
         if self.behind_proxy or http_request is None:
             return await awaitable
         task = asyncio.ensure_future(awaitable)
+        gone = asyncio.ensure_future(client_gone(http_request))
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.poll_s)
-                if done:
-                    return task.result()
-                if await http_request.is_disconnected():
-                    raise Cancelled("the client disconnected", status=499)
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise Cancelled("the client disconnected", status=499)
         finally:
+            gone.cancel()
             if not task.done():
                 task.cancel()
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())  # nobody reads it now

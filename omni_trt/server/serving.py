@@ -86,7 +86,7 @@ class ServerOptions:
     max_input_pixels: int = 4096 * 4096  # an edit's input image (and mask), read from its header before decoding
     allowed_image_hosts: tuple[str, ...] = ()  # chat image_url hosts this server may fetch from; none: data: URLs only
     keepalive_s: float = 5.0  # SSE comments this often while a stream waits
-    disconnect_poll_s: float = 0.1
+    disconnect_poll_s: float = 0.1  # how often a stream waiting on the worker looks for a disconnect and keep-alives
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,18 @@ SSE_EVENTS = {"generation": "image_generation", "edit": "image_edit"}
 def internal_error(request_id: str) -> OmniError:
     """What a client sees of a server fault: no exception types, no messages; the log has them."""
     return OmniError(f"internal error (request {request_id}); the server log has the details", status=500)
+
+
+async def client_gone(http_request: Any) -> None:
+    """Returns once the client has disconnected: the ASGI http.disconnect, which uvicorn sends the
+    moment the connection drops (the body was read by then, so nothing else comes). Waiting on it
+    rather than polling is_disconnected() stops abandoned work at once. A caller without an ASGI
+    receive (a Ray replica's RemoteRequest) never gets here: Ray cancels the call instead."""
+    receive = getattr(http_request, "receive", None)
+    if receive is None:
+        await asyncio.get_running_loop().create_future()  # never set; cancelled with its waiter
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class ImageServing:
@@ -476,13 +488,15 @@ class ImageServing:
         """Wait for the jobs; their images in order. A client that leaves, or a deadline that
         passes, cancels what is left: dropped while queued, stopped at the next step while running."""
         images: list[Any] = []
+        gone = asyncio.ensure_future(client_gone(http_request))
         try:
             for job in a.jobs:
                 while not job.future.done():
-                    await asyncio.wait({job.future}, timeout=self.options.disconnect_poll_s)
+                    left = a.arrived + self.options.request_timeout_s - time.monotonic()
+                    await asyncio.wait({job.future, gone}, timeout=max(0.01, left), return_when=asyncio.FIRST_COMPLETED)
                     if job.future.done():
                         break
-                    if await http_request.is_disconnected():
+                    if gone.done():
                         raise Cancelled("the client disconnected", status=499)
                     reason = self._deadline_passed(a)
                     if reason is not None:
@@ -497,6 +511,8 @@ class ImageServing:
         except OmniError:
             self._abandon(a, Cancelled("another part of the request failed", status=500))
             raise
+        finally:
+            gone.cancel()
         return images
 
     async def _events(self, a: Admitted, http_request: Request, kind: str) -> AsyncIterator[str]:
