@@ -44,6 +44,23 @@ def images(response: httpx.Response) -> list[np.ndarray]:
     return [np.asarray(Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))).convert("RGB"), dtype=float) for d in response.json()["data"]]
 
 
+@contextmanager
+def counting_steps(runtime: Any) -> Iterator[list[int]]:
+    """The transformer's forward calls (denoising steps) while inside, one entry each."""
+    steps: list[int] = []
+    real = runtime.pipe.transformer.forward
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        steps.append(1)
+        return real(*args, **kwargs)
+
+    runtime.pipe.transformer.forward = counted
+    try:
+        yield steps
+    finally:
+        runtime.pipe.transformer.forward = real
+
+
 def wait_until(check: Callable[[], bool], timeout: float = 60, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -19,7 +19,7 @@ from omni_trt.errors import EngineDirError
 from omni_trt.runtime.loader import load_runtime
 from omni_trt.runtime.pipeline import load_pipeline
 from omni_trt.runtime.request import resolve
-from serving import live_server, wait_until
+from serving import counting_steps, live_server, wait_until
 from test_server import SMALL, assert_error, assert_same_image, decode
 
 GEN = "/v1/images/generations"
@@ -207,15 +207,7 @@ def test_user_fields_cannot_forge_log_lines(http, caplog):
 
 
 def test_a_request_past_its_deadline_gets_504_and_its_work_stops(runtime):
-    steps = []
-    real = runtime.pipe.transformer.forward
-
-    def counted(*args, **kwargs):
-        steps.append(1)
-        return real(*args, **kwargs)
-
-    runtime.pipe.transformer.forward = counted
-    try:
+    with counting_steps(runtime) as steps:
         with live_server(lambda: runtime, request_timeout_s=0.5) as live, live.client() as c:
             body = {"prompt": "slow", "size": "256x256", "num_inference_steps": 200}
             assert_error(c.post(GEN, json=body), 504, "longer than")
@@ -224,8 +216,6 @@ def test_a_request_past_its_deadline_gets_504_and_its_work_stops(runtime):
             assert 0 < len(steps) < 200, len(steps)
             assert 'omni_requests_cancelled_total{reason="deadline",where="running"} 1.0' in c.get("/metrics").text
             assert c.post(GEN, json={"prompt": "next", **SMALL}).status_code == 200
-    finally:
-        runtime.pipe.transformer.forward = real
 
 
 # ---- broken engine dirs are refused with what is wrong and the rebuild command ----

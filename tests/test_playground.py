@@ -20,7 +20,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from omni_trt.models.sizes import SizeLimits
 from omni_trt.runtime.pipeline import load_pipeline
 from omni_trt.server.playground import CSP, STATIC
-from serving import live_server, wait_until
+from serving import counting_steps, live_server, wait_until
 
 CHROMIUM = os.environ.get("OMNI_TRT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialing out, which a closed network refuses.
@@ -187,28 +187,18 @@ def test_stop_aborts_the_request_and_the_server_stops_its_work(server, runtime, 
     page.goto(server.url + "/")
     card_loaded(page)
     fill(page, "never made", "64x64", steps=6, partials=1)
-    steps = []
-    real = runtime.pipe.transformer.forward
-
-    def counted(*args, **kwargs):
-        steps.append(1)
-        return real(*args, **kwargs)
-
-    runtime.pipe.transformer.forward = counted
-    runtime._lock.acquire()  # hold the pipeline: the worker takes the request and waits on it until Stop
-    try:
-        page.get_by_role("button", name="Generate").click()
-        wait_until(lambda: server.state.scheduler.in_flight == 1, 30, "the worker to take the request")
-        page.get_by_role("button", name="Stop").click()
-        expect(page.locator("#progress")).to_have_text("Stopped: the server stops the work.")
-        cancelled = 'omni_requests_cancelled_total{reason="disconnect",where="running"} 1.0'
-        wait_until(lambda: cancelled in httpx.get(server.url + "/metrics").text, 30, "the server to see the client leave")
-    finally:
-        runtime._lock.release()
+    with counting_steps(runtime) as steps:
+        runtime._lock.acquire()  # hold the pipeline: the worker takes the request and waits on it until Stop
         try:
-            wait_until(server.state.scheduler.idle, 30, "the worker to finish")
+            page.get_by_role("button", name="Generate").click()
+            wait_until(lambda: server.state.scheduler.in_flight == 1, 30, "the worker to take the request")
+            page.get_by_role("button", name="Stop").click()
+            expect(page.locator("#progress")).to_have_text("Stopped: the server stops the work.")
+            cancelled = 'omni_requests_cancelled_total{reason="disconnect",where="running"} 1.0'
+            wait_until(lambda: cancelled in httpx.get(server.url + "/metrics").text, 30, "the server to see the client leave")
         finally:
-            runtime.pipe.transformer.forward = real
+            runtime._lock.release()
+            wait_until(server.state.scheduler.idle, 30, "the worker to finish")
     assert steps == [], "a request stopped before its first step must run none"
     expect(page.get_by_role("button", name="Generate")).to_be_enabled()
     expect(page.locator("#error")).to_be_hidden()

@@ -14,7 +14,7 @@ import pytest
 from omni_trt.models import FAMILIES
 from omni_trt.runtime.pipeline import load_pipeline
 from omni_trt.runtime.request import resolve
-from serving import live_server, wait_until
+from serving import counting_steps, live_server, wait_until
 from test_server import SMALL, assert_error, decode
 
 GEN = "/v1/images/generations"
@@ -118,15 +118,7 @@ def test_invalid_streamed_requests_fail_as_json_before_any_event(server, body, s
 
 
 def test_a_client_that_leaves_a_stream_stops_its_work(server, runtime):
-    steps = []
-    real = runtime.pipe.transformer.forward
-
-    def counted(*args, **kwargs):
-        steps.append(1)
-        return real(*args, **kwargs)
-
-    runtime.pipe.transformer.forward = counted
-    try:
+    with counting_steps(runtime) as steps:
         body = {"prompt": "slow", "stream": True, "partial_images": 3, "size": "256x256", "num_inference_steps": 200}
         with httpx.Client(base_url=server.url, timeout=60) as c:
             with c.stream("POST", GEN, json=body) as r:
@@ -139,28 +131,16 @@ def test_a_client_that_leaves_a_stream_stops_its_work(server, runtime):
             text = c.get("/metrics").text
             assert 'omni_requests_cancelled_total{reason="disconnect",where="running"} 1.0' in text
             assert c.post(GEN, json={"prompt": "next", **SMALL}).status_code == 200
-    finally:
-        runtime.pipe.transformer.forward = real
 
 
 def test_a_client_that_leaves_a_plain_request_stops_its_work(runtime):
-    steps = []
-    real = runtime.pipe.transformer.forward
-
-    def counted(*args, **kwargs):
-        steps.append(1)
-        return real(*args, **kwargs)
-
-    runtime.pipe.transformer.forward = counted
-    try:
+    with counting_steps(runtime) as steps:
         with live_server(lambda: runtime) as live:
             with pytest.raises(httpx.TimeoutException), live.client(timeout=1.0) as c:
                 c.post(GEN, json={"prompt": "slow", "size": "256x256", "num_inference_steps": 200})
             wait_until(lambda: live.state.scheduler.idle(), 30, "the worker to stop")
             assert 0 < len(steps) < 200, len(steps)
             assert 'reason="disconnect",where="running"} 1.0' in live.client().get("/metrics").text
-    finally:
-        runtime.pipe.transformer.forward = real
 
 
 # ---- gpt-image fields ----
