@@ -365,7 +365,7 @@ class RemoteServing:
                 except StopAsyncIteration:
                     finished = True
                     return
-                except (asyncio.CancelledError, Cancelled):
+                except Cancelled:  # the client left: the `finally` cancels the replica's stream
                     return
                 except Exception as e:  # noqa: BLE001 - the replica died mid-stream: say so, in the error shape
                     finished = True
