@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random-weight pipelines built once per test session from configs in code,
-and loaded back through diffusers' real loading code."""
+and loaded back through diffusers' real loading code; the tiny Z-Image runtime (`runtime`), a live
+server on it (`server`, which a module overrides with its own options) and clients of that
+server (`http`: httpx, `sdk`: the OpenAI SDK)."""
 
 from __future__ import annotations
 
@@ -81,3 +83,38 @@ def exported_onnx(built):
         return out
 
     return get
+
+
+@pytest.fixture(scope="session")
+def runtime(tiny_dir):
+    """The tiny Z-Image pipeline on the torch runtime, loaded once: every live server of the
+    session may serve it (one at a time works on it: the runtime holds a lock per batch). Tests
+    that patch it (counting_steps, a failing encoder) put it back before they return."""
+    from omni_trt.runtime.pipeline import load_pipeline
+
+    return load_pipeline(str(tiny_dir("z-image")))
+
+
+@pytest.fixture(scope="module")
+def server(runtime):
+    """A live server on `runtime` named tiny-z; a module that needs other options (a queue, a
+    batch cap, limits) defines its own `server`, and `http` and `sdk` follow it."""
+    from serving import live_server
+
+    with live_server(lambda: runtime, served_model_name="tiny-z") as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    """An httpx client of the module's `server` (any object with .client(), the Ray app's too)."""
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    """The OpenAI SDK against the module's `server`, no key, no retries (a refusal is seen as is)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)

@@ -16,7 +16,9 @@ import numpy as np
 import uvicorn
 from PIL import Image
 
-from omni_trt.server.app import ServerOptions, create_app
+from omni_trt.server.app import create_app
+from omni_trt.server.contract import ServerOptions
+from omni_trt.server.serving import ImageServing
 
 
 def free_port() -> int:
@@ -72,8 +74,10 @@ def wait_until(check: Callable[[], bool], timeout: float = 60, what: str = "cond
 
 @contextmanager
 def live_server(load: Callable[[], Any], wait_ready: bool = True, **options: Any) -> Iterator[LiveServer]:
+    """The app on ImageServing(ServerOptions(**options), load), served by uvicorn until the block
+    ends; wait_ready: until the model is loaded (the app's lifespan loads it in the background)."""
     options.setdefault("served_model_name", "test-model")
-    app = create_app(ServerOptions(**options), load)
+    app = create_app(ImageServing(ServerOptions(**options), load))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)

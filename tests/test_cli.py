@@ -87,18 +87,17 @@ def test_examples_run_unchanged_against_the_server(demo_server, tmp_path):
         assert Image.open(tmp_path / "cabin-night.png").size == Image.open(tmp_path / "cabin-lake.png").size == (256, 256)
 
 
-def test_generate_writes_the_image_the_server_would(tiny_dir, tmp_path):
+def test_generate_writes_the_image_the_server_would(tiny_dir, runtime, tmp_path):
     model = str(tiny_dir("z-image"))
     out = tmp_path / "one.png"
     r = run([*OMNI, "generate", model, "-p", "a cat", "--size", "64x96", "--seed", "5", "--steps", "2", "-o", str(out)])
     assert r.returncode == 0, r.stderr
     img = np.asarray(Image.open(out))
     assert img.shape == (96, 64, 3) and img.std() > 0
-    from omni_trt.runtime.pipeline import load_pipeline
-    from omni_trt.runtime.request import resolve
+    from omni_trt.runtime.request import ImageAsk, resolve
 
-    rt = load_pipeline(model)
-    want = np.asarray(rt.generate([resolve(rt.family, "a cat", size="64x96", seed=5, steps=2)]).images[0][0])
+    rt = runtime  # the same tiny model, loaded once per session
+    want = np.asarray(rt.generate([resolve(rt.family, ImageAsk("a cat", size="64x96", seed=5, steps=2))]).images[0][0])
     assert np.abs(img.astype(int) - want).max() <= 1
     r = run([*OMNI, "generate", model, "-p", "x", "--size", "65x64", "-o", str(tmp_path / "bad.png")])
     assert r.returncode == 2 and "multiples of 16" in r.stderr and not (tmp_path / "bad.png").exists()

@@ -16,7 +16,7 @@ from PIL import Image
 from omni_trt.models import FAMILIES
 from omni_trt.runtime.loader import EngineDirError, choose_runtime, load_runtime
 from omni_trt.runtime.pipeline import load_pipeline
-from omni_trt.runtime.request import resolve
+from omni_trt.runtime.request import ImageAsk, resolve
 from serving import images, live_server
 
 SIZE = {"size": "64x64", "num_inference_steps": 2}
@@ -57,9 +57,9 @@ def test_onnxruntime_engines_serve_the_same_images_as_torch(family, built, torch
         for extra in ({"n": 2, "seed": 7}, {"seed": 8, **CFG[family]}):
             body = {"prompt": "a small red house by a lake", **SIZE, **extra}
             got = images(c.post("/v1/images/generations", json=body))
-            want = reference.generate([resolve(reference.family, body["prompt"], size="64x64", steps=2, n=body.get("n", 1), seed=body["seed"],
-                                               guidance_scale=extra.get("guidance_scale"), true_cfg_scale=extra.get("true_cfg_scale"),
-                                               negative_prompt=extra.get("negative_prompt"))]).images[0]
+            ask = ImageAsk(body["prompt"], size="64x64", steps=2, n=body.get("n", 1), seed=body["seed"], guidance_scale=extra.get("guidance_scale"),
+                           true_cfg_scale=extra.get("true_cfg_scale"), negative_prompt=extra.get("negative_prompt"))
+            want = reference.generate([resolve(reference.family, ask)]).images[0]
             assert len(got) == len(want)
             for g, w in zip(got, want):
                 gap = np.abs(g - np.asarray(w, dtype=float)).mean()
@@ -80,8 +80,8 @@ def test_onnxruntime_engines_serve_the_same_images_as_torch(family, built, torch
                 files.append(("mask", ("m.png", _png(alpha))))
             got = images(c.post("/v1/images/edits", data={"prompt": "a small red house", "size": "64x64", "num_inference_steps": "6",
                                                           "seed": "3"}, files=files))[0]
-            want = reference.generate([resolve(reference.family, "a small red house", image=source, mask=m, size="64x64", steps=6,
-                                               seed=3)]).images[0][0]
+            want = reference.generate([resolve(reference.family, ImageAsk("a small red house", size="64x64", steps=6, seed=3), image=source,
+                                               mask=m)]).images[0][0]
             gap = np.abs(got - np.asarray(want, dtype=float)).mean()
             assert gap < 1.0, f"{family} {'inpaint' if m else 'img2img'}: mean pixel gap {gap:.3f} of 255 between engines and torch"
 
@@ -98,7 +98,7 @@ def test_requests_beyond_the_engine_batch_are_chunked_with_the_same_images(built
     # max batch 2 images: the transformer profile goes to 4 so CFG (batch doubled) still takes 2.
     assert rt.swap.batch_limits == {"transformer": 4, "vae_decoder": 2, "vae_encoder": 2}
     assert rt.max_images(0.0) == 2 and rt.max_images(3.0) == 2
-    req = resolve(rt.family, "a boat", size="64x64", steps=2, n=5, seed=40)
+    req = resolve(rt.family, ImageAsk("a boat", size="64x64", steps=2, n=5, seed=40))
     result = rt.generate([req])
     got = result.images[0]
     assert result.calls == [2, 2, 1]

@@ -11,18 +11,18 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from omni_trt.runtime.pipeline import load_pipeline
-from omni_trt.server.app import ServerOptions, create_app
+from omni_trt.server.app import create_app
+from omni_trt.server.contract import ServerOptions
+from omni_trt.server.serving import ImageServing
 from serving import live_server
 
 # The schema is the app's own, known without loading a model; the cases go to a live server.
-schema = schemathesis.openapi.from_dict(create_app(ServerOptions(served_model_name="tiny-z"), lambda: None).openapi())
+schema = schemathesis.openapi.from_dict(create_app(ImageServing(ServerOptions(served_model_name="tiny-z"), lambda: None)).openapi())
 CASES: dict[str, list[int]] = {}  # operation -> statuses seen (for the closing report)
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_dir):
-    runtime = load_pipeline(str(tiny_dir("z-image")))
+def fuzz_server(runtime):
     with live_server(lambda: runtime, served_model_name="tiny-z", max_megapixel_steps=0.15, request_timeout_s=10.0) as live:
         yield live
     total = sum(len(v) for v in CASES.values())

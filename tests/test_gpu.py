@@ -43,16 +43,17 @@ def gpu_engines(tiny_dir, tmp_path_factory):
 def test_tensorrt_engines_match_torch_on_the_gpu(gpu_engines):
     from omni_trt.runtime.loader import load_runtime
     from omni_trt.runtime.pipeline import LoadOptions, load_pipeline
-    from omni_trt.runtime.request import resolve
+    from omni_trt.runtime.request import ImageAsk, resolve
 
     model, engine_dir = gpu_engines
     opts = LoadOptions(device="cuda", dtype="fp32")
     trt_rt = load_runtime(None, engine_dir, "tensorrt", opts)
     assert trt_rt.kind == "tensorrt"
     torch_rt = load_pipeline(str(model), opts)
-    req = resolve(trt_rt.family, "a lighthouse at dusk", size="64x128", steps=2, n=2, seed=3)
+    req = resolve(trt_rt.family, ImageAsk("a lighthouse at dusk", size="64x128", steps=2, n=2, seed=3))
     got = trt_rt.generate([req]).images[0]
     want = torch_rt.generate([req]).images[0]
+    assert len(got) == len(want) == 2
     for g, w in zip(got, want):
         gap = np.abs(np.asarray(g, dtype=float) - np.asarray(w, dtype=float)).mean()
         assert gap < 1.0, f"mean pixel gap {gap:.3f} of 255 between TensorRT and torch"

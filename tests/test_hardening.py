@@ -17,8 +17,7 @@ import pytest
 
 from omni_trt.errors import EngineDirError
 from omni_trt.runtime.loader import load_runtime
-from omni_trt.runtime.pipeline import load_pipeline
-from omni_trt.runtime.request import resolve
+from omni_trt.runtime.request import ImageAsk, resolve
 from serving import counting_steps, live_server, wait_until
 from test_server import SMALL, assert_error, assert_same_image, decode
 
@@ -26,20 +25,10 @@ GEN = "/v1/images/generations"
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_dir):
-    return load_pipeline(str(tiny_dir("z-image")))
-
-
-@pytest.fixture(scope="module")
 def server(runtime):
+    """`http` (conftest.py) is a client of this server."""
     with live_server(lambda: runtime, served_model_name="tiny-z", max_batch_size=4, max_megapixel_steps=64.0) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
 
 
 def post_raw(http, path: str, text: str):
@@ -83,7 +72,7 @@ def test_a_request_that_fails_its_batch_fails_alone(runtime, caplog):
     assert any("running them one by one" in r.getMessage() for r in caplog.records), "the batch was not retried per request"
     for body, r in zip(bodies[1:], responses[1:]):
         assert r.status_code == 200, r.text
-        solo = runtime.generate([resolve(runtime.family, body["prompt"], size="64x64", steps=2, seed=body["seed"])]).images[0][0]
+        solo = runtime.generate([resolve(runtime.family, ImageAsk(body["prompt"], size="64x64", steps=2, seed=body["seed"]))]).images[0][0]
         assert_same_image(decode(r.json()["data"][0]["b64_json"]), solo)
 
 
@@ -257,7 +246,9 @@ def test_serve_refuses_a_malformed_manifest_before_listening(built, tmp_path):
 
 def test_shutdown_answers_every_queued_request_in_the_error_shape(tiny_dir, tmp_path):
     """SIGINT with a backlog: new requests get 503, the backlog gets --drain-timeout to finish,
-    what is left gets 503 in the error shape; nothing is lost, nothing hangs, no traceback."""
+    what is left gets 503 in the error shape; nothing is lost, nothing hangs, no traceback, and
+    the exit status is 130, a Ctrl-C's (uvicorn raises the signal it caught once the server is
+    down; `omni` answers the KeyboardInterrupt with 130, as the README says)."""
     import httpx
 
     from serving import free_port
@@ -288,7 +279,8 @@ def test_shutdown_answers_every_queued_request_in_the_error_shape(tiny_dir, tmp_
             assert_error(late, 503, "shutting down")
             for f in futures:
                 f.result(timeout=120)
-        assert proc.wait(timeout=60) is not None
+        code = proc.wait(timeout=60)
+        assert code == 130, (code, (tmp_path / "serve.log").read_text()[-3000:])
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -13,7 +13,7 @@ import torch
 from omni_trt import ort
 from omni_trt.runtime.engines import OnnxRuntimeEngine
 from omni_trt.runtime.loader import load_runtime
-from omni_trt.runtime.request import resolve
+from omni_trt.runtime.request import ImageAsk, resolve
 
 
 def _engines(rt) -> list[OnnxRuntimeEngine]:
@@ -30,7 +30,7 @@ def test_io_binding_on_cpu_tensors_gives_the_numpy_paths_images(built, monkeypat
     engines = _engines(rt)
     assert [e.io_binding for e in engines] == [False, False], "the CPU path stays numpy by default"
     # CFG doubles the transformer batch: bool, float and int inputs, two images.
-    req = resolve(rt.family, "a boat on a lake", size="64x128", steps=2, n=2, seed=11, guidance_scale=2.0)
+    req = resolve(rt.family, ImageAsk("a boat on a lake", size="64x128", steps=2, n=2, seed=11, guidance_scale=2.0))
     want = rt.generate([req]).images[0]
     for e in engines:
         e.io_binding = True
@@ -61,9 +61,10 @@ def test_io_binding_on_cuda_keeps_tensors_on_the_gpu(built, monkeypatch):
     opts = LoadOptions(device="cuda", dtype="fp32")
     rt = load_runtime(None, engine_dir, "onnxruntime", opts)
     assert all(e.io_binding and e.device.type == "cuda" for e in _engines(rt))
-    req = resolve(rt.family, "a lighthouse at dusk", size="64x128", steps=2, n=2, seed=3)
+    req = resolve(rt.family, ImageAsk("a lighthouse at dusk", size="64x128", steps=2, n=2, seed=3))
     got = rt.generate([req]).images[0]
     want = load_pipeline(str(model), opts).generate([req]).images[0]
+    assert len(got) == len(want) == 2
     for g, w in zip(got, want):
         gap = np.abs(np.asarray(g, dtype=float) - np.asarray(w, dtype=float)).mean()
         assert gap < 1.0, f"mean pixel gap {gap:.3f} of 255 between ONNX Runtime CUDA and torch"

@@ -18,7 +18,6 @@ from PIL import Image
 from playwright.sync_api import Page, expect, sync_playwright
 
 from omni_trt.models.sizes import SizeLimits
-from omni_trt.runtime.pipeline import load_pipeline
 from omni_trt.server.playground import CSP, STATIC
 from serving import counting_steps, live_server, wait_until
 
@@ -42,15 +41,7 @@ new MutationObserver((records) => {
 """
 
 
-@pytest.fixture(scope="module")
-def runtime(tiny_dir):
-    return load_pipeline(str(tiny_dir("z-image")))
-
-
-@pytest.fixture(scope="module")
-def server(runtime):
-    with live_server(lambda: runtime, served_model_name="tiny-z") as live:
-        yield live
+# `runtime` and `server` (tiny-z on it) are conftest.py's.
 
 
 @pytest.fixture(scope="module")

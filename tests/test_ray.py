@@ -81,13 +81,7 @@ def server(tiny_dir, tmp_path_factory):
     cmd = [sys.executable, "-m", "omni_trt", "serve", str(tiny_dir("z-image")), "--replicas", "2", "--threads", "1",
            "--port", str(port), "--served-model-name", "tiny-z", "--max-queue", "4", "--max-batch-size", "2", "--drain-timeout", "10"]
     with launched(cmd, tmp_path_factory.mktemp("ray") / "serve.log", port) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
+        yield s  # `http` and `sdk` (conftest.py) are clients of it
 
 
 def test_health_and_models_come_from_a_replica(http):
@@ -97,15 +91,12 @@ def test_health_and_models_come_from_a_replica(http):
     assert card["id"] == "tiny-z" and card["family"] == "z-image" and card["max_batch"] == 2
 
 
-def test_the_same_images_as_the_single_process_server(http, tiny_dir):
-    from omni_trt.runtime.pipeline import load_pipeline
-
-    runtime = load_pipeline(str(tiny_dir("z-image")))
+def test_the_same_images_as_the_single_process_server(http, runtime):
     body = {"prompt": "a lighthouse at dusk", "n": 2, "seed": 21, **SMALL}
     with live_server(lambda: runtime) as live, live.client() as c:
         want = [decode(d["b64_json"]) for d in c.post("/v1/images/generations", json=body).json()["data"]]
     got = [decode(d["b64_json"]) for d in http.post("/v1/images/generations", json=body).json()["data"]]
-    assert len(got) == 2
+    assert len(got) == len(want) == 2
     for g, w in zip(got, want):
         assert_same_image(g, w)  # one thread here, several there: kernels may round differently
 
@@ -128,12 +119,10 @@ def test_requests_are_spread_over_both_replicas_and_metrics_say_so(server, http)
     assert 'omni_requests_total{route="/v1/images/generations",status="200"}' in text  # the ingress's own
 
 
-def test_streaming_and_edits_through_the_replicas(http):
-    import openai
-
+def test_streaming_and_edits_through_the_replicas(http, sdk):
     from test_edits import png, noise
 
-    client = openai.OpenAI(base_url=str(http.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0)
+    client = sdk
     events = list(client.images.generate(model="tiny-z", prompt="a fox", size="64x64", stream=True, partial_images=1,
                                          extra_body={"num_inference_steps": 4, "seed": 2}))
     assert [e.type for e in events] == ["image_generation.partial_image", "image_generation.completed"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from omni_trt.errors import UsageError
-from omni_trt.server.ray_app import replica_options
-from omni_trt.server.serving import ServerOptions
+from omni_trt.server.contract import ServerOptions
+from omni_trt.server.ray.deploy import replica_options
 
 OPTIONS = ServerOptions(served_model_name="m", max_queue=6, max_batch_size=2, drain_timeout_s=12)
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from omni_trt.runtime.pipeline import load_pipeline
-from omni_trt.runtime.request import resolve
+from omni_trt.runtime.request import ImageAsk, resolve
 from serving import live_server, wait_until
 
 SMALL = {"size": "64x64", "num_inference_steps": 2}
@@ -41,20 +41,10 @@ def from_data_url(url: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def zimage_runtime(tiny_dir):
-    return load_pipeline(str(tiny_dir("z-image")))
-
-
-@pytest.fixture(scope="module")
-def server(zimage_runtime):
-    with live_server(lambda: zimage_runtime, served_model_name="tiny-z", max_batch_size=4, max_queue=64) as live:
+def server(runtime):
+    """`http` and `sdk` (conftest.py) are clients of this server."""
+    with live_server(lambda: runtime, served_model_name="tiny-z", max_batch_size=4, max_queue=64) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with server.client() as c:
-        yield c
 
 
 def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
@@ -202,8 +192,8 @@ def test_bad_chat_requests(http, body, status, word):
     assert ok.status_code == 200
 
 
-def test_openai_sdk_images_and_chat(server):
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+def test_openai_sdk_images_and_chat(sdk):
+    client = sdk
     res = client.images.generate(model="tiny-z", prompt="a lighthouse", size="64x64", n=2, response_format="b64_json", extra_body={"seed": 7, "num_inference_steps": 2})
     assert len(res.data) == 2 and decode(res.data[0].b64_json).shape == (64, 64, 3)
     with pytest.raises(openai.BadRequestError) as e:
@@ -217,7 +207,7 @@ def test_openai_sdk_images_and_chat(server):
     assert_same_image(from_data_url(parts[0]["image_url"]["url"]), decode(res.data[0].b64_json))
 
 
-def test_concurrent_requests_are_batched_and_equal_to_solo_runs(server, zimage_runtime):
+def test_concurrent_requests_are_batched_and_equal_to_solo_runs(server, runtime):
     bodies = [{"prompt": f"prompt number {i} " + "word " * (i % 5), "seed": 100 + i, "n": 1 + i % 2, **SMALL} for i in range(14)]
     batches_before = server.state.metrics.batch_images.collect()[0].samples
     count_before = next(s.value for s in batches_before if s.name.endswith("_count"))
@@ -228,15 +218,14 @@ def test_concurrent_requests_are_batched_and_equal_to_solo_runs(server, zimage_r
     calls = next(s.value for s in samples if s.name.endswith("_count")) - count_before
     assert calls < len(bodies), "compatible concurrent requests should share pipeline calls"
     for body, r in zip(bodies, responses):
-        solo = zimage_runtime.generate([resolve(zimage_runtime.family, body["prompt"], size="64x64", steps=2, n=body["n"], seed=body["seed"])])
+        solo = runtime.generate([resolve(runtime.family, ImageAsk(body["prompt"], size="64x64", steps=2, n=body["n"], seed=body["seed"]))])
         got = [decode(d["b64_json"]) for d in r.json()["data"]]
-        assert len(got) == body["n"]
+        assert len(got) == len(solo.images[0]) == body["n"]
         for g, want in zip(got, solo.images[0]):
             assert_same_image(g, want)
 
 
-def test_full_queue_gets_429_with_retry_after_and_nothing_is_lost(tiny_dir):
-    runtime = load_pipeline(str(tiny_dir("z-image")))
+def test_full_queue_gets_429_with_retry_after_and_nothing_is_lost(runtime):
     with live_server(lambda: runtime, max_queue=2, max_batch_size=1) as live, live.client() as c:
         with ThreadPoolExecutor(3) as pool:
             runtime._lock.acquire()  # hold the worker inside generate(): the queue can only fill
@@ -255,8 +244,7 @@ def test_full_queue_gets_429_with_retry_after_and_nothing_is_lost(tiny_dir):
         assert c.post("/v1/images/generations", json={"prompt": "after", **SMALL}).status_code == 200
 
 
-def test_client_disconnect_drops_the_queued_request(tiny_dir):
-    runtime = load_pipeline(str(tiny_dir("z-image")))
+def test_client_disconnect_drops_the_queued_request(runtime):
     with live_server(lambda: runtime, max_batch_size=1) as live, live.client() as c:
         with ThreadPoolExecutor(1) as pool:
             runtime._lock.acquire()
@@ -275,8 +263,8 @@ def test_client_disconnect_drops_the_queued_request(tiny_dir):
         assert images_total == 1, "the dropped request must not have been generated"
 
 
-def test_api_key_is_required_on_v1_only(zimage_runtime):
-    with live_server(lambda: zimage_runtime, api_key="sekret") as live, live.client() as c:
+def test_api_key_is_required_on_v1_only(runtime):
+    with live_server(lambda: runtime, api_key="sekret") as live, live.client() as c:
         assert_error(c.post("/v1/images/generations", json={"prompt": "x", **SMALL}), 401, "API key")
         assert_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
@@ -285,12 +273,12 @@ def test_api_key_is_required_on_v1_only(zimage_runtime):
         assert len(sdk.images.generate(model="test-model", prompt="x", size="64x64", extra_body={"num_inference_steps": 2}).data) == 1
 
 
-def test_503_not_initialized_while_loading_then_ready(zimage_runtime):
+def test_503_not_initialized_while_loading_then_ready(runtime):
     gate = threading.Event()
 
     def slow_load():
         gate.wait(30)
-        return zimage_runtime
+        return runtime
 
     with live_server(slow_load, wait_ready=False) as live, live.client() as c:
         assert_error(c.get("/health"), 503, "not initialized")
@@ -356,15 +344,15 @@ def _histogram(metric) -> dict[str, float]:
     return out
 
 
-def test_a_request_larger_than_the_batch_cap_runs_in_chunks_with_the_same_images(tiny_dir):
-    runtime = load_pipeline(str(tiny_dir("z-image")))
-    solo = load_pipeline(str(tiny_dir("z-image")))
+def test_a_request_larger_than_the_batch_cap_runs_in_chunks_with_the_same_images(runtime):
+    solo = runtime  # run again after the server is gone, in one call of 5
     with live_server(lambda: runtime, max_batch_size=2) as live, live.client() as c:
         body = {"prompt": "a kite", "n": 5, "seed": 70, **SMALL}
         got = [decode(d["b64_json"]) for d in c.post("/v1/images/generations", json=body).json()["data"]]
         calls = _histogram(live.state.metrics.batch_images)
     # Three pipeline calls of 2, 2 and 1 images.
     assert len(got) == 5 and (calls["count"], calls["sum"], calls["le=1.0"], calls["le=2.0"]) == (3, 5, 1, 3)
-    want = solo.generate([resolve(solo.family, "a kite", size="64x64", steps=2, n=5, seed=70)]).images[0]  # one call of 5
+    want = solo.generate([resolve(solo.family, ImageAsk("a kite", size="64x64", steps=2, n=5, seed=70))]).images[0]  # one call of 5
+    assert len(want) == 5
     for g, w in zip(got, want):
         assert_same_image(g, w)

@@ -8,12 +8,11 @@ import threading
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
 from omni_trt.models import FAMILIES
 from omni_trt.runtime.pipeline import load_pipeline
-from omni_trt.runtime.request import resolve
+from omni_trt.runtime.request import ImageAsk, resolve
 from serving import counting_steps, live_server, wait_until
 from test_server import SMALL, assert_error, decode
 
@@ -21,19 +20,10 @@ GEN = "/v1/images/generations"
 
 
 @pytest.fixture(scope="module")
-def runtime(tiny_dir):
-    return load_pipeline(str(tiny_dir("z-image")))
-
-
-@pytest.fixture(scope="module")
 def server(runtime):
+    """`http` and `sdk` (conftest.py) are clients of this server."""
     with live_server(lambda: runtime, served_model_name="tiny-z", aliases=("default",), keepalive_s=0.2) as live:
         yield live
-
-
-@pytest.fixture(scope="module")
-def sdk(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 
 
 def events_of(response: httpx.Response) -> list[tuple[str, object]]:
@@ -110,14 +100,13 @@ def test_raw_sse_framing_and_keep_alives_while_queued(server, runtime):
     ({"background": "transparent"}, 400, "transparent"),
     ({"prompt": "x" * 20_000}, 400, "characters"),
 ])
-def test_invalid_streamed_requests_fail_as_json_before_any_event(server, body, status, word):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        r = c.post(GEN, json={"prompt": "x", "stream": True, **body})
+def test_invalid_streamed_requests_fail_as_json_before_any_event(http, body, status, word):
+    r = http.post(GEN, json={"prompt": "x", "stream": True, **body})
     assert r.headers["content-type"].startswith("application/json")
     assert_error(r, status, word)
 
 
-def test_a_client_that_leaves_a_stream_stops_its_work(server, runtime):
+def test_a_client_that_leaves_a_stream_stops_its_work(server, runtime, http):
     with counting_steps(runtime) as steps:
         body = {"prompt": "slow", "stream": True, "partial_images": 3, "size": "256x256", "num_inference_steps": 200}
         with httpx.Client(base_url=server.url, timeout=60) as c:
@@ -127,10 +116,9 @@ def test_a_client_that_leaves_a_stream_stops_its_work(server, runtime):
                         break  # saw work begin; now leave
         wait_until(lambda: server.state.scheduler.idle(), 30, "the worker to stop")
         assert 0 < len(steps) < 200, len(steps)
-        with httpx.Client(base_url=server.url, timeout=60) as c:
-            text = c.get("/metrics").text
-            assert 'omni_requests_cancelled_total{reason="disconnect",where="running"} 1.0' in text
-            assert c.post(GEN, json={"prompt": "next", **SMALL}).status_code == 200
+        text = http.get("/metrics").text
+        assert 'omni_requests_cancelled_total{reason="disconnect",where="running"} 1.0' in text
+        assert http.post(GEN, json={"prompt": "next", **SMALL}).status_code == 200
 
 
 def test_a_client_that_leaves_a_plain_request_stops_its_work(runtime):
@@ -153,7 +141,7 @@ def test_gpt_image_fields_and_response_fields(server, sdk, runtime):
     assert res.usage.output_tokens == 16 and res.usage.total_tokens == res.usage.input_tokens + 16
     assert res.usage.input_tokens == runtime.prompt_tokens("a boat")
     # low = a third of Z-Image-Turbo's 9 steps; an explicit num_inference_steps wins over quality.
-    assert resolve(runtime.family, "a", quality="low", seed=0).steps == 3
+    assert resolve(runtime.family, ImageAsk("a", quality="low", seed=0)).steps == 3
     low = decode(sdk.images.generate(model="tiny-z", prompt="a boat", size="64x64", quality="low", extra_body={"seed": 4}).data[0].b64_json)
     three = decode(sdk.images.generate(model="tiny-z", prompt="a boat", size="64x64", extra_body={"seed": 4, "num_inference_steps": 3}).data[0].b64_json)
     wins = decode(sdk.images.generate(model="tiny-z", prompt="a boat", size="64x64", quality="high", extra_body={"seed": 4, "num_inference_steps": 3}).data[0].b64_json)
@@ -169,12 +157,11 @@ def test_gpt_image_fields_and_response_fields(server, sdk, runtime):
     ("quality", "ultra", 422), ("background", "transparent", 400), ("background", "white", 422),
     ("moderation", "high", 422), ("size", "Auto", 400),
 ])
-def test_bad_gpt_image_values(server, field, value, status):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        body = assert_error(c.post(GEN, json={"prompt": "x", field: value, **({} if field == "size" else SMALL)}), status)
-        assert body["error"]["param"] == field
-        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "extra_body": {field: value}})
-        assert_error(chat, status)
+def test_bad_gpt_image_values(http, field, value, status):
+    body = assert_error(http.post(GEN, json={"prompt": "x", field: value, **({} if field == "size" else SMALL)}), status)
+    assert body["error"]["param"] == field
+    chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "extra_body": {field: value}})
+    assert_error(chat, status)
 
 
 # ---- previews are the pipeline's own predictions, for every family ----
@@ -183,16 +170,18 @@ def test_bad_gpt_image_values(server, field, value, status):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_previews_leave_the_final_image_alone_and_the_last_step_is_the_final_image(family, tiny_dir):
     rt = load_pipeline(str(tiny_dir(family)))
-    req = resolve(rt.family, "a red house", size="64x64", steps=4, n=2, seed=9, partial_images=2)
+    req = resolve(rt.family, ImageAsk("a red house", size="64x64", steps=4, n=2, seed=9, partial_images=2))
     got: list = []
     streamed = rt.generate([req], on_preview=lambda *a: got.append(a))
-    plain = rt.generate([resolve(rt.family, "a red house", size="64x64", steps=4, n=2, seed=9)])
+    plain = rt.generate([resolve(rt.family, ImageAsk("a red house", size="64x64", steps=4, n=2, seed=9))])
     assert sorted((i, img, p) for i, img, p, _ in got) == [(0, img, p) for img in (0, 1) for p in (0, 1)]
+    assert len(streamed.images[0]) == len(plain.images[0]) == 2
     for a, b in zip(streamed.images[0], plain.images[0]):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     # The clean prediction at the last step (x_t - sigma_t * v with sigma_next = 0) is exactly the
     # pipeline's final latent: decoded like a preview, it is the final image.
     last: list = []
     rt._call([req], None, {req.steps - 1: [(0, 0, 0, 0), (1, 0, 1, 0)]}, lambda *a: last.append(a))
+    assert sorted((i, img) for i, img, _, _ in last) == [(0, 0), (0, 1)], "a preview of each image at the last step"
     for (_, img, _, picture), final in zip(last, plain.images[0]):
         assert np.abs(np.asarray(picture).astype(int) - np.asarray(final).astype(int)).max() <= 1  # PNG-free: same floats, one rounding

@@ -16,7 +16,7 @@ from omni_trt.models import FAMILIES
 from omni_trt.runtime.compiled import compile_transformer
 from omni_trt.runtime.loader import load_runtime
 from omni_trt.runtime.pipeline import LoadOptions, load_pipeline
-from omni_trt.runtime.request import resolve
+from omni_trt.runtime.request import ImageAsk, resolve
 from serving import images, live_server
 
 
@@ -36,7 +36,7 @@ def test_torch_compile_serves_the_eager_images_over_http(tiny_dir):
         for seed, prompt in ((3, "a small red house by a lake"), (4, "x")):
             body = {"prompt": prompt, "size": "64x64", "num_inference_steps": 2, "seed": seed}
             got = images(c.post("/v1/images/generations", json=body))
-            want = eager.generate([resolve(eager.family, prompt, size="64x64", steps=2, seed=seed)]).images[0]
+            want = eager.generate([resolve(eager.family, ImageAsk(prompt, size="64x64", steps=2, seed=seed))]).images[0]
             assert len(got) == len(want) == 1
             gap = np.abs(got[0] - np.asarray(want[0], dtype=float)).mean()
             assert gap < 1.0, f"mean pixel gap {gap:.3f} of 255 between torch-compile and eager"

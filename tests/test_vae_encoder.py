@@ -29,7 +29,7 @@ from omni_trt.models.base import EDIT_TASKS, Point
 from omni_trt.runtime.edits import edit_pipeline
 from omni_trt.runtime.loader import load_runtime
 from omni_trt.runtime.pipeline import load_pipeline
-from omni_trt.runtime.request import resolve
+from omni_trt.runtime.request import ImageAsk, resolve
 
 TOL = 1e-4  # fp32 relative error: ONNX Runtime against the original diffusers forward
 PROMPT = "a small red house by a lake"
@@ -149,7 +149,7 @@ def test_edit_pipelines_from_pipe_share_the_engines_and_match_torch(family, runt
     for task in EDIT_TASKS:
         pipes = {}
         for rt in (ort_rt, torch_rt):
-            pipe = edit_pipeline(rt, task)
+            pipe = edit_pipeline(rt.pipe, rt.family, rt.dtype, task)
             assert type(pipe).__name__ == FAMILIES[family].edits.pipeline_class(task)
             modules = {k: v for k, v in pipe.components.items() if v is not None}
             # The same objects, stand-ins included: nothing was loaded or copied a second time.
@@ -195,7 +195,7 @@ def test_engine_dir_without_the_encoder_serves_generations_and_says_what_to_buil
     assert message and f"--engine-dir {old} " in message and "--components vae_encoder" in message
 
     # Generations serve as before, on the engines.
-    req = resolve(rt.family, "a boat", size="64x64", steps=2, n=1, seed=5)
+    req = resolve(rt.family, ImageAsk("a boat", size="64x64", steps=2, n=1, seed=5))
     got, want = rt.generate([req]).images[0][0], torch_rt.generate([req]).images[0][0]
     assert np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean() < 1.0
 
@@ -204,7 +204,7 @@ def test_engine_dir_without_the_encoder_serves_generations_and_says_what_to_buil
         rt.pipe.vae.encode(_pixels("z-image", 1, 64, 64))
     assert str(e.value) == message and e.value.status == 501
     with pytest.raises(ComponentNotBuilt, match="--components vae_encoder"):
-        _edit(edit_pipeline(rt, "img2img"), "z-image", "img2img", _image(1))
+        _edit(edit_pipeline(rt.pipe, rt.family, rt.dtype, "img2img"), "z-image", "img2img", _image(1))
 
     # The command it names plans to add the encoder, built as the decoder was, and nothing else
     # (planned, not run: the build itself is test_build.py's).

@@ -1,7 +1,8 @@
 """Generation requests: parsing, family defaults and validation as pure functions.
 
-The HTTP routes and `omni generate` both go through `resolve()`, so defaults and messages are
-the same everywhere.
+Every endpoint's body becomes an `ImageAsk` (server.protocol), and `resolve()` turns an ask
+into a `GenerationRequest` for the family, so defaults and messages are the same everywhere,
+`omni generate` included. Each rule (size, steps, strength, cost) is a small function of its own.
 """
 
 from __future__ import annotations
@@ -96,9 +97,7 @@ class GenerationRequest:
     def first_step(self) -> int:
         """The step an edit starts at: diffusers' edit pipelines skip the first (1 - strength)
         of the schedule (t_start = int(steps - steps * strength))."""
-        if self.strength is None:
-            return 0
-        return int(max(self.steps - min(self.steps * self.strength, self.steps), 0))
+        return first_step(self.steps, self.strength)
 
     def image_seeds(self) -> list[int]:
         """One seed per image, from (request seed, image index): the same alone or batched."""
@@ -127,108 +126,154 @@ def _number(name: str, value: Any, lo: float, hi: float, integer: bool) -> Any:
     return value if integer else float(value)
 
 
-def resolve(
-    family: Family,
-    prompt: str,
-    *,
-    size: str | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    n: int = 1,
-    steps: int | None = None,
-    guidance_scale: float | None = None,
-    true_cfg_scale: float | None = None,
-    negative_prompt: str | None = None,
-    seed: int | None = None,
-    output_format: str = "png",
-    output_compression: int | None = None,
-    partial_images: int = 0,
-    quality: str | None = None,
-    background: str | None = None,
-    image: Any = None,
-    mask: Any = None,
-    strength: float | None = None,
-    limits: SizeLimits | None = None,
-    caps: RequestCaps | None = None,
-    request_id: str = "",
-) -> GenerationRequest:
-    """Fill the family's defaults and validate. `size` wins over width/height. Fields that do
-    not apply to the family (e.g. true_cfg_scale for Z-Image) are dropped, not errors: generic
-    clients send them to every model. Token counts need the tokenizer: the caller checks them."""
-    caps = caps or RequestCaps()
-    max_chars = caps.max_prompt_tokens * CHARS_PER_TOKEN if caps.max_prompt_tokens else None
-    prompt = check_text("prompt", prompt, max_chars)
-    if not prompt.strip():
-        raise RequestError("prompt must not be empty", "prompt")
-    defaults = family.defaults
-    quality = quality or "auto"
-    if quality not in QUALITIES:
-        raise RequestError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}", "quality", status=422)
-    background = background or "auto"
-    if background not in BACKGROUNDS:
-        raise RequestError(f"background must be one of {', '.join(BACKGROUNDS)}, got {background!r}", "background", status=422)
-    if background == "transparent":
-        raise RequestError("background 'transparent' is not available: no served model makes an alpha channel; "
-                           "use 'opaque' or 'auto'", "background")
-    partial_images = _number("partial_images", partial_images, 0, MAX_PARTIAL_IMAGES, integer=True)
-    limits = limits or SizeLimits.of(family)
+@dataclass(frozen=True)
+class ImageAsk:
+    """What a client asked for, as it asked (typed, not yet checked against the model): the one
+    form every endpoint's body turns itself into (server.protocol), and `omni generate` builds.
+    prompt_param: the field a refusal of the prompt names (chat's prompt is its `messages`)."""
+
+    prompt: str
+    size: str | None = None
+    width: int | None = None
+    height: int | None = None
+    n: int = 1
+    steps: int | None = None
+    guidance_scale: float | None = None
+    true_cfg_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    output_format: str = "png"
+    output_compression: int | None = None
+    partial_images: int = 0
+    quality: str | None = None
+    background: str | None = None
+    strength: float | None = None
+    prompt_param: str = "prompt"
+
+
+def first_step(steps: int, strength: float | None) -> int:
+    """The step an edit starts at: diffusers' edit pipelines skip the first (1 - strength) of the
+    schedule (t_start = int(steps - steps * strength)); 0 for a generation."""
+    if strength is None:
+        return 0
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+def resolve_size(family: Family, limits: SizeLimits, size: str | None, width: int | None, height: int | None,
+                 image: Any = None) -> tuple[int, int]:
+    """(width, height): `size` wins over width/height; "auto" or nothing is the family's default,
+    or for an edit the input's size fitted to what the model (and engines) can make."""
     if size == "auto":
-        size = None  # gpt-image's "auto": the family's default size; for an edit, the input's
+        size = None
     if size is None and image is not None and width is None and height is None:
-        width, height = limits.fit(*image.size)  # fitted to what the model (and engines) can make
+        width, height = limits.fit(*image.size)
     if size is not None:
         width, height = parse_size(size)
     else:
         for name, v in (("width", width), ("height", height)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
                 raise RequestError(f"invalid size: {name} must be a positive integer, got {v!r}", "size", status=422)
-        width = width or defaults.width
-        height = height or defaults.height
+        width = width or family.defaults.width
+        height = height or family.defaults.height
     limits.check(width, height)
-    n = _number("n", n, 1, MAX_IMAGES, integer=True)
-    if steps is None:  # an explicit num_inference_steps wins over quality
-        steps = max(1, round(defaults.steps * QUALITY_SHARE[quality]))
-    else:
-        steps = _number("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
-    if guidance_scale is not None:
-        guidance_scale = _number("guidance_scale", guidance_scale, 0.0, MAX_SCALE, integer=False)
-    if true_cfg_scale is not None:
-        true_cfg_scale = _number("true_cfg_scale", true_cfg_scale, 0.0, MAX_SCALE, integer=False)
-    if negative_prompt is not None:
-        negative_prompt = check_text("negative_prompt", negative_prompt, max_chars)
-    if seed is None:
-        seed = random.randrange(2**31)
-    else:
-        seed = _number("seed", seed, 0, SEED_LIMIT - 1, integer=True)
-    if output_format not in ("png", "jpeg", "webp"):
-        raise RequestError(f"output_format must be one of png, jpeg, webp, got {output_format!r}", "output_format", status=422)
-    if output_compression is not None:
-        output_compression = _number("output_compression", output_compression, 0, 100, integer=True)
-    if image is not None:
-        # The input at the output size: not every family's edit pipeline resizes it itself
-        # (ZImageImg2ImgPipeline takes the image's own size), so every family gets it the same.
-        if image.size != (width, height):
-            from PIL import Image
+    return width, height
 
-            image = image.resize((width, height), Image.Resampling.LANCZOS)
-            if mask is not None:
-                mask = mask.resize((width, height), Image.Resampling.NEAREST)
-        task = "inpaint" if mask is not None else "img2img"
-        strength = family.edits.strength(task) if strength is None else _number("strength", strength, 0.0, 1.0, integer=False)
-        ran = GenerationRequest("", width, height, steps, 0, strength=strength)
-        if ran.first_step >= steps:
-            raise RequestError(f"strength {strength:g} at {steps} steps leaves no step to run: raise strength or "
-                               "num_inference_steps (an edit runs strength x steps of them)", "strength")
-    elif strength is not None or mask is not None:
-        raise RequestError("strength and mask apply to edits: send an image", "strength" if strength is not None else "mask")
-    if caps.max_megapixel_steps is not None:
-        cost = megapixel_steps(width, height, n, steps)
-        if cost > caps.max_megapixel_steps:
-            raise RequestError(
-                f"this request asks for {n} image(s) of {width}x{height} at {steps} steps = {cost:.0f} megapixel-steps, more "
-                f"than this server's cap of {caps.max_megapixel_steps:g}; ask for fewer images (n), fewer steps "
-                "(num_inference_steps) or a smaller size", "n")
-    fields = family.fields
+
+def resolve_steps(family: Family, steps: int | None, quality: str) -> int:
+    """An explicit num_inference_steps wins over quality (a share of the family's default)."""
+    if steps is None:
+        return max(1, round(family.defaults.steps * QUALITY_SHARE[quality]))
+    return _number("num_inference_steps", steps, 1, MAX_STEPS, integer=True)
+
+
+def resolve_strength(family: Family, task: str, strength: float | None, steps: int) -> float:
+    """An edit's strength (the family's default for the task when not given), refused when it
+    leaves no step to run."""
+    strength = family.edits.strength(task) if strength is None else _number("strength", strength, 0.0, 1.0, integer=False)
+    if first_step(steps, strength) >= steps:
+        raise RequestError(f"strength {strength:g} at {steps} steps leaves no step to run: raise strength or "
+                           "num_inference_steps (an edit runs strength x steps of them)", "strength")
+    return strength
+
+
+def check_cost(width: int, height: int, n: int, steps: int, caps: RequestCaps) -> None:
+    """Refuse a request over the operator's megapixel-steps cap, saying what to ask for instead."""
+    if caps.max_megapixel_steps is None:
+        return
+    cost = megapixel_steps(width, height, n, steps)
+    if cost > caps.max_megapixel_steps:
+        raise RequestError(
+            f"this request asks for {n} image(s) of {width}x{height} at {steps} steps = {cost:.0f} megapixel-steps, more "
+            f"than this server's cap of {caps.max_megapixel_steps:g}; ask for fewer images (n), fewer steps "
+            "(num_inference_steps) or a smaller size", "n")
+
+
+def check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> str:
+    """A field with a closed set of values; None is "auto"."""
+    value = value or "auto"
+    if value not in choices:
+        raise RequestError(f"{name} must be one of {', '.join(choices)}, got {value!r}", name, status=422)
+    return value
+
+
+def fit_inputs(image: Any, mask: Any, width: int, height: int) -> tuple[Any, Any]:
+    """The edit's input (and mask) at the output size: not every family's edit pipeline resizes it
+    itself (ZImageImg2ImgPipeline takes the image's own size), so every family gets it the same."""
+    if image.size == (width, height):
+        return image, mask
+    from PIL import Image
+
+    image = image.resize((width, height), Image.Resampling.LANCZOS)
+    if mask is not None:
+        mask = mask.resize((width, height), Image.Resampling.NEAREST)
+    return image, mask
+
+
+def resolve(family: Family, ask: ImageAsk, *, limits: SizeLimits | None = None, caps: RequestCaps | None = None,
+            image: Any = None, mask: Any = None, request_id: str = "") -> GenerationRequest:
+    """Fill the family's defaults and validate. Fields that do not apply to the family (e.g.
+    true_cfg_scale for Z-Image) are dropped, not errors: generic clients send them to every model.
+    Token counts need the tokenizer: the caller checks them."""
+    try:
+        return _resolve(family, ask, limits or SizeLimits.of(family), caps or RequestCaps(), image, mask, request_id)
+    except RequestError as e:
+        if e.param == "prompt":
+            e.param = ask.prompt_param
+        raise
+
+
+def _resolve(family: Family, ask: ImageAsk, limits: SizeLimits, caps: RequestCaps, image: Any, mask: Any,
+             request_id: str) -> GenerationRequest:
+    max_chars = caps.max_prompt_tokens * CHARS_PER_TOKEN if caps.max_prompt_tokens else None
+    prompt = check_text("prompt", ask.prompt, max_chars)
+    if not prompt.strip():
+        raise RequestError("prompt must not be empty", "prompt")
+    quality = check_choice("quality", ask.quality, QUALITIES)
+    background = check_choice("background", ask.background, BACKGROUNDS)
+    if background == "transparent":
+        raise RequestError("background 'transparent' is not available: no served model makes an alpha channel; "
+                           "use 'opaque' or 'auto'", "background")
+    partial_images = _number("partial_images", ask.partial_images, 0, MAX_PARTIAL_IMAGES, integer=True)
+    width, height = resolve_size(family, limits, ask.size, ask.width, ask.height, image)
+    n = _number("n", ask.n, 1, MAX_IMAGES, integer=True)
+    steps = resolve_steps(family, ask.steps, quality)
+    guidance_scale, true_cfg_scale = (None if v is None else _number(name, v, 0.0, MAX_SCALE, integer=False)
+                                      for name, v in (("guidance_scale", ask.guidance_scale), ("true_cfg_scale", ask.true_cfg_scale)))
+    negative_prompt = None if ask.negative_prompt is None else check_text("negative_prompt", ask.negative_prompt, max_chars)
+    seed = random.randrange(2**31) if ask.seed is None else _number("seed", ask.seed, 0, SEED_LIMIT - 1, integer=True)
+    if ask.output_format not in ("png", "jpeg", "webp"):
+        raise RequestError(f"output_format must be one of png, jpeg, webp, got {ask.output_format!r}", "output_format", status=422)
+    compression = ask.output_compression
+    if compression is not None:
+        compression = _number("output_compression", compression, 0, 100, integer=True)
+    strength = None
+    if image is not None:
+        image, mask = fit_inputs(image, mask, width, height)
+        strength = resolve_strength(family, "inpaint" if mask is not None else "img2img", ask.strength, steps)
+    elif ask.strength is not None or mask is not None:
+        raise RequestError("strength and mask apply to edits: send an image", "strength" if ask.strength is not None else "mask")
+    check_cost(width, height, n, steps, caps)
+    defaults, fields = family.defaults, family.fields
     return GenerationRequest(
         prompt=prompt,
         width=width,
@@ -239,8 +284,8 @@ def resolve(
         negative_prompt=negative_prompt if FIELD_NEGATIVE_PROMPT in fields else None,
         guidance_scale=(defaults.guidance_scale if guidance_scale is None else guidance_scale) if FIELD_GUIDANCE in fields else None,
         true_cfg_scale=(defaults.true_cfg_scale if true_cfg_scale is None else true_cfg_scale) if FIELD_TRUE_CFG in fields else None,
-        output_format=output_format,
-        output_compression=output_compression,
+        output_format=ask.output_format,
+        output_compression=compression,
         partial_images=partial_images,
         quality=quality,
         background=background,

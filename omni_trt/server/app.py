@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Callable
@@ -16,17 +17,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import OmniError
-from ..runtime.pipeline import PipelineRuntime
+from .admission import internal_error
+from .contract import Caller, Serving, http_caller
 from .guard import Guard
 from .metrics import RequestCounter
 from .playground import static_files
 from .protocol import EVENT_MODELS, error_body
 from .routes import router, v1
-from .serving import ImageServing, ServerOptions, internal_error
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ServerOptions", "create_app", "error_body"]
+__all__ = ["create_app", "error_body"]
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
@@ -78,20 +79,22 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime] | None, serving: Any = None) -> FastAPI:
-    """The app over a serving object: ImageServing(options, load) by default, which loads the
-    runtime in the background once the server listens; or one given (Ray Serve's ingress passes
-    its RemoteServing, whose runtimes live in the model replicas)."""
-    serving = serving or ImageServing(options, load)
+def create_app(serving: Serving, caller: Callable[[Request], Caller] = http_caller) -> FastAPI:
+    """The app over a serving object: the local ImageServing, or the Ray client whose runtimes
+    live in the model replicas. Its lifespan loads the serving object in a thread once the server
+    listens (503 "not initialized" meanwhile) and stops it at the end. caller: what the serving
+    side learns of each request (under Ray's proxy, Ray's request id and its cancellation)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        serving.load_in_background()
+        # A daemon thread, not the loop's executor: a load still under way at shutdown must not hold the exit.
+        threading.Thread(target=serving.load, name="omni-load", daemon=True).start()
         yield
         serving.stop()
 
     app = FastAPI(title="omni-trt", version="0.1.0", lifespan=lifespan)
     app.state.omni = serving
+    app.state.caller = caller
 
     @app.exception_handler(OmniError)
     async def _omni_error(_: Request, e: OmniError) -> Response:
@@ -121,6 +124,7 @@ def create_app(options: ServerOptions, load: Callable[[], PipelineRuntime] | Non
     app.mount("/static", static_files(), name="static")
     app.openapi = lambda: _openapi(app)
     # Outermost last: the counter sees the guard's answers too.
+    options = serving.options
     app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body_bytes, body_timeout=options.body_timeout_s,
                        draining=lambda: serving.draining)
     app.add_middleware(RequestCounter, metrics=serving.metrics)

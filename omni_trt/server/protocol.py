@@ -1,6 +1,7 @@
 """The HTTP API's request and response models (pydantic), so /openapi.json and /docs describe
-every body the server takes and gives, errors included. Validation beyond types lives in
-runtime.request.resolve, shared with `omni generate`."""
+every body the server takes and gives, errors included. Each request body turns itself into the
+runtime's `ImageAsk` (`ask()`), once; validation beyond types lives in runtime.request.resolve,
+shared with `omni generate`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from ..runtime.request import MAX_IMAGES, MAX_PARTIAL_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT
+from ..runtime.request import MAX_IMAGES, MAX_PARTIAL_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT, ImageAsk
 
 # ---- requests ----
 
@@ -38,38 +39,49 @@ class ImageParams(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the returned images.")
     output_compression: int | None = Field(None, ge=0, le=100, description="0..100: PNG zlib effort, or 100 - quality for JPEG/WebP.")
 
+    def _params(self) -> dict[str, Any]:
+        """These fields as ImageAsk's keywords."""
+        return dict(steps=self.num_inference_steps, guidance_scale=self.guidance_scale, true_cfg_scale=self.true_cfg_scale,
+                    negative_prompt=self.negative_prompt, seed=self.seed, output_format=self.output_format,
+                    output_compression=self.output_compression, quality=self.quality, background=self.background)
 
-class ImageGenerationBody(ImageParams):
+
+class ImageRequestBody(ImageParams):
+    """The fields generations and edits share; each endpoint's body sets its own strictness."""
+
+    prompt: str = Field(description="Text prompt (for an edit: what to make of the image).")
+    model: str | None = Field(None, description="Must be one of the served model names when given.")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images (for an edit: per input image).")
+    size: str | None = Field(None, description=(
+        "'WxH' in pixels, e.g. '1024x1024', or 'auto' (default: the family's; for an edit, the input image's size fitted "
+        "to the model's size rules)."))
+    response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json: images come back inline.")
+    user: str | None = Field(None, description="An end-user id, logged (escaped).")
+    stream: bool = Field(False, description=(
+        "Server-sent events: partial images as they form (image_generation.partial_image, or image_edit.partial_image), "
+        "then each final image (.completed)."))
+    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
+        "With stream: previews per image (0..3), the predicted clean image at evenly spaced steps (at most steps - 1)."))
+
+    def ask(self) -> ImageAsk:
+        """The runtime's form of this body (previews only for a stream)."""
+        return ImageAsk(self.prompt, size=self.size, n=self.n, partial_images=self.partial_images if self.stream else 0,
+                        strength=getattr(self, "strength", None), **self._params())
+
+
+class ImageGenerationBody(ImageRequestBody):
     """POST /v1/images/generations (OpenAI's fields plus the vllm-omni extensions)."""
 
     model_config = ConfigDict(STRICT, extra="ignore")
 
-    prompt: StrictStr = Field(description="Text prompt.")
-    model: StrictStr | None = Field(None, description="Must be one of the served model names when given.")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
-    size: StrictStr | None = Field(None, description="'WxH' in pixels, e.g. '1024x1024', or 'auto' (default: the family's).")
-    response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json: images come back inline.")
-    user: StrictStr | None = Field(None, description="An end-user id, logged (escaped).")
-    stream: bool = Field(False, description="Server-sent events: partial images as they form, then each final image.")
-    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
-        "With stream: previews per image (0..3), the predicted clean image at evenly spaced steps (at most steps - 1)."))
 
-
-class ImageEditForm(ImageParams):
+class ImageEditForm(ImageRequestBody):
     """POST /v1/images/edits, multipart (OpenAI's fields plus the vllm-omni extensions and
     `strength`); the files (image, image[], mask) are separate form parts. Form values are text,
     so numbers are parsed from it, but NaN and infinities are still refused."""
 
     model_config = ConfigDict(extra="ignore", strict=False, allow_inf_nan=False)
 
-    prompt: str = Field(description="What to make of the image.")
-    model: str | None = Field(None, description="Must be one of the served model names when given.")
-    n: int = Field(1, ge=1, le=MAX_IMAGES, description="Images per input image.")
-    size: str | None = Field(None, description="'WxH', or 'auto' (default): the input image's size fitted to the model's size rules.")
-    response_format: Literal["b64_json"] = Field("b64_json", description="Only b64_json: images come back inline.")
-    user: str | None = Field(None, description="An end-user id, logged (escaped).")
-    stream: bool = Field(False, description="Server-sent events: image_edit.partial_image, then image_edit.completed per image.")
-    partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description="With stream: previews per image (0..3).")
     strength: float | None = Field(None, ge=0, le=1, description=(
         "How much of the input is re-imagined: 0 keeps it, 1 ignores it (default: the family's, 0.6 for "
         "image-to-image; runs that share of the steps)."))
@@ -86,6 +98,11 @@ class ChatImageParams(ImageParams):
     width: int | None = Field(None, gt=0, description="Image width in pixels.")
     size: StrictStr | None = Field(None, description="'WxH' in pixels; wins over height/width.")
     num_outputs_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
+
+    def ask(self, prompt: str) -> ImageAsk:
+        """The runtime's form of the chat's parameters; refusals of the prompt name `messages`."""
+        return ImageAsk(prompt, size=self.size, width=self.width, height=self.height, n=self.num_outputs_per_prompt,
+                        strength=self.strength, prompt_param="messages", **self._params())
 
 
 class ChatMessage(BaseModel):
@@ -251,30 +268,24 @@ class SizeRange(BaseModel):
 
 
 class RuntimeInfo(BaseModel):
-    """What serves the model: its runtime, family, device, dtype and engines."""
+    """What serves the model: its runtime, family, device, dtype and engines (on /health always
+    set; on a model card once the model is loaded)."""
 
-    runtime: str = Field(description="torch, torch-compile, onnxruntime or tensorrt.")
-    family: str
-    device: str
-    dtype: str
+    runtime: str | None = Field(None, description="torch, torch-compile, onnxruntime or tensorrt.")
+    family: str | None = None
+    device: str | None = None
+    dtype: str | None = None
     components: dict[str, str] | None = Field(None, description="Component -> what runs it, where engines are swapped in.")
     engine_profile: dict[str, Any] | None = Field(None, description="Component -> the built min/max request points.")
     compile: dict[str, Any] | None = Field(None, description="torch-compile: what was compiled, the warm-up size and its seconds.")
 
 
-class ModelCard(BaseModel):
+class ModelCard(RuntimeInfo):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "omni-trt"
     ready: bool
-    runtime: str | None = None
-    family: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    components: dict[str, str] | None = None
-    engine_profile: dict[str, Any] | None = None
-    compile: dict[str, Any] | None = None
     defaults: ModelDefaults | None = None
     sizes: str | None = Field(None, description="The sizes this server makes.")
     size_limits: SizeRange | None = Field(None, description="The same, as numbers.")

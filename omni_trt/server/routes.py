@@ -19,11 +19,16 @@ from .protocol import (
     ImagesResponse,
     ModelList,
 )
-from .serving import ImageServing
+from .contract import Caller, Serving
 
 
-def serving(request: Request) -> ImageServing:
+def serving(request: Request) -> Serving:
     return request.app.state.omni
+
+
+def caller(request: Request) -> Caller:
+    """Who asks, as the serving side knows them (create_app says how: uvicorn's disconnect, or Ray's proxy)."""
+    return request.app.state.caller(request)
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -58,18 +63,18 @@ async def index() -> Response:
 
 
 @router.get("/health", response_model=HealthResponse, responses=_errors(503))
-async def health(s: ImageServing = Depends(serving)) -> Any:
+async def health(s: Serving = Depends(serving)) -> Any:
     return await s.health()
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
-async def metrics(s: ImageServing = Depends(serving)) -> Response:
+async def metrics(s: Serving = Depends(serving)) -> Response:
     return Response(await s.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @v1.get("/models", response_model=ModelList, response_model_exclude_unset=True, responses=_errors(401))
-async def models(s: ImageServing = Depends(serving)) -> Any:
-    return await s.list_models()
+async def models(s: Serving = Depends(serving)) -> Any:
+    return await s.models()
 
 
 STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
@@ -79,10 +84,10 @@ STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
 
 
 @v1.post("/images/generations", response_model=ImagesResponse, responses={**GENERATE_ERRORS, 200: {"content": STREAM}})
-async def images(body: ImageGenerationBody, request: Request, response: Response, s: ImageServing = Depends(serving)) -> Any:
+async def images(body: ImageGenerationBody, response: Response, s: Serving = Depends(serving), who: Caller = Depends(caller)) -> Any:
     if body.stream:
-        return sse_response(*await s.stream_images(request, body))
-    out, headers = await s.create_images(request, body)
+        return sse_response(*await s.stream_images(who, body))
+    out, headers = await s.create_images(who, body)
     response.headers.update(headers)
     return out
 
@@ -94,7 +99,6 @@ EDIT_ERRORS = {**GENERATE_ERRORS, **_errors(413, 501)}
 
 @v1.post("/images/edits", response_model=ImagesResponse, responses={**EDIT_ERRORS, 200: {"content": EDIT_STREAM}})
 async def edits(
-    request: Request,
     response: Response,
     form: Annotated[ImageEditForm, Form()],
     image: Annotated[list[UploadFile] | None, File(description="The image to edit (PNG, JPEG, WebP; other modes are converted).")] = None,
@@ -103,20 +107,21 @@ async def edits(
     mask: Annotated[UploadFile | None, File(description=(
         "A PNG the size of the (first) image whose fully transparent pixels mark where to edit: inpainting. "
         "Without it: image-to-image."))] = None,
-    s: ImageServing = Depends(serving),
+    s: Serving = Depends(serving),
+    who: Caller = Depends(caller),
 ) -> Any:
     files = [("image", await f.read()) for f in image or []] + [("image[]", await f.read()) for f in images or []]
     mask_bytes = await mask.read() if mask is not None else None
     if form.stream:
-        return sse_response(*await s.stream_edit(request, form, files, mask_bytes))
-    out, headers = await s.create_edit(request, form, files, mask_bytes)
+        return sse_response(*await s.stream_edit(who, form, files, mask_bytes))
+    out, headers = await s.create_edit(who, form, files, mask_bytes)
     response.headers.update(headers)
     return out
 
 
 @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATE_ERRORS)
-async def chat(body: ChatBody, request: Request, response: Response, s: ImageServing = Depends(serving)) -> Any:
-    out, headers = await s.create_chat(request, body)
+async def chat(body: ChatBody, response: Response, s: Serving = Depends(serving), who: Caller = Depends(caller)) -> Any:
+    out, headers = await s.create_chat(who, body)
     response.headers.update(headers)
     return out
 

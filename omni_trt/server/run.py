@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 
+from .contract import Serving
+
 log = logging.getLogger(__name__)
 
 
@@ -29,20 +31,25 @@ class NetOptions:
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, serving: Any) -> None:
+    """uvicorn, with the drain above; it also stops once the serving object failed to load."""
+
+    def __init__(self, config: uvicorn.Config, serving: Serving) -> None:
         super().__init__(config)
         self.serving = serving
         self._drain_requested = False
         self._drain: asyncio.Future | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._drain_requested or self.serving.runtime is None:
+        if self._drain_requested or not self.serving.loaded:
             super().handle_exit(sig, frame)  # nothing to drain, or a second signal: close now
             return
         self._captured_signals.append(sig)  # uvicorn re-raises it once the server is down
         self._drain_requested = True
 
     async def on_tick(self, counter: int) -> bool:
+        if self.serving.load_error and not self.should_exit:
+            log.error("stopping: the model failed to load")
+            self.should_exit = True
         if self._drain_requested and self._drain is None:
             log.info("shutting down: new requests get 503; draining the backlog (up to %.0f s)", self.serving.options.drain_timeout_s)
             self._drain = asyncio.ensure_future(self.serving.drain())

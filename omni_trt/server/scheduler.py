@@ -38,19 +38,11 @@ class ShuttingDown(OmniError):
     status = 503
 
 
-@dataclass
-class JobResult:
-    images: list[Any]
-    stages: dict[str, float]
-    queue_wait: float
-    batch_images: int
-
-
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
-    """What a job's future resolves to: a result, or the error for this job alone."""
+    """What a job's future resolves to: its images, or the error for this job alone."""
 
-    result: JobResult | None = None
+    images: list[Any] | None = None
     error: BaseException | None = None
 
 
@@ -61,7 +53,6 @@ class Job:
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: Cancelled | None = None  # why it was abandoned, once it is
-    started: asyncio.Event = field(default_factory=asyncio.Event)  # the worker took it
     previews: asyncio.Queue | None = None  # (image index, partial index, PIL image), for streams
     _sent: set = field(default_factory=set)  # a batch retried per request makes its previews again
 
@@ -191,8 +182,6 @@ class Scheduler:
                     return
                 batch = self._take_batch()
                 self._running = batch
-            for job in batch:
-                job._soon(job.started.set)
             started = time.perf_counter()
             try:
                 self._run(batch, started)
@@ -231,11 +220,10 @@ class Scheduler:
             if self.on_batch:
                 self.on_batch(batch, None, started)
             return
-        n_images = sum(j.request.n for j in batch)
         for job, images in zip(batch, result.images):
             if job.cancelled:
                 job.settle(Outcome(error=job.cancelled))  # its images are dropped
             else:
-                job.settle(Outcome(JobResult(images, result.stages, started - job.enqueued, n_images)))
+                job.settle(Outcome(images))
         if self.on_batch:
             self.on_batch(batch, result, started)
