@@ -7,12 +7,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import logs
 from .demo import DEMO_FAMILY
 from .errors import OmniError, UsageError
 from .models import FAMILIES
+from .server.contract import MAX_BATCH_SIZE, MAX_QUEUE
 
 log = logging.getLogger("omni_trt")
 
@@ -77,74 +78,55 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
         "compiled and warmed up at load; it runs no engines and refuses --engine-dir (default: auto)"))
 
 
-def _model_or_demo(model: str | None) -> str:
-    if model is not None:
-        return model
-    from .demo import ensure_demo_model
-
-    return str(ensure_demo_model())
-
-
-def _loader(args: argparse.Namespace, warmup_size: str | None = None) -> Callable[[], Any]:
-    """A function that loads the runtime; serve calls it after the server is listening.
-    warmup_size: what torch-compile compiles at load (None: the family's default size)."""
-    from .runtime.loader import load_runtime
+def load_options(args: argparse.Namespace, warmup_size: str | None = None) -> Any:
+    """The LoadOptions the load flags say (warmup_size: what torch-compile compiles at load;
+    None: the family's default size)."""
     from .runtime.pipeline import LoadOptions
 
-    def load() -> Any:
-        model = args.model if args.engine_dir else _model_or_demo(args.model)
-        opts = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
-                           warmup_size=warmup_size)
-        return load_runtime(model, args.engine_dir, args.runtime, opts)
-
-    return load
+    return LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
+                       warmup_size=warmup_size)
 
 
-def _engine_dir_model(engine_dir: str | None) -> str | None:
-    """The model an engine dir was built for, read before listening so a wrong dir fails fast."""
-    if engine_dir is None:
-        return None
-    from .enginedir import Manifest
+def server_options(args: argparse.Namespace, names: list[str]) -> Any:
+    """The ServerOptions serve's flags say; names: the served model names, the first reported."""
+    from .server.contract import MB, ServerOptions
 
-    return Manifest.read(engine_dir).model.id
+    return ServerOptions(
+        served_model_name=names[0], aliases=tuple(names[1:]), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
+        api_key=api_key(args), max_body_bytes=int(args.max_body_mb * MB), body_timeout_s=args.body_timeout,
+        max_prompt_tokens=args.max_prompt_tokens, max_megapixel_steps=args.max_megapixel_steps, request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout, max_input_pixels=int(args.max_input_megapixels * 1e6),
+        allowed_image_hosts=tuple(args.allow_image_host),
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .runtime.loader import check_runtime
-    from .server.app import ServerOptions, create_app
+    from .runtime.loader import check_runtime, load_runtime, resolve_model
+    from .server.app import create_app
     from .server.run import make_server
+    from .server.serving import ImageServing
 
-    if args.model is not None:
-        from .models import detect_family
-
-        detect_family(args.model)  # fail before listening: a wrong path is not a 503
     check_runtime(args.runtime, args.engine_dir)
     if args.warmup_size is not None:
         from .models import parse_size
 
         parse_size(args.warmup_size, "--warmup-size")
-    names = args.served_model_name or [args.model or _engine_dir_model(args.engine_dir) or f"omni-trt/demo-{DEMO_FAMILY}"]
-    name = names[0]
-    options = ServerOptions(
-        served_model_name=name, aliases=tuple(names[1:]), max_queue=args.max_queue, max_batch_size=args.max_batch_size, api_key=api_key(args),
-        max_body_bytes=int(args.max_body_mb * (1 << 20)), body_timeout_s=args.body_timeout, max_prompt_tokens=args.max_prompt_tokens,
-        max_megapixel_steps=args.max_megapixel_steps, request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
-        max_input_pixels=int(args.max_input_megapixels * 1e6), allowed_image_hosts=tuple(args.allow_image_host),
-    )
+    model = resolve_model(args.model, args.engine_dir)  # fail before listening: a wrong path is not a 503
+    options = server_options(args, args.served_model_name or [model.name])
+    opts = load_options(args, args.warmup_size)
     if args.replicas or args.min_replicas or args.max_replicas:
-        return _serve_on_ray(args, options)
+        return _serve_on_ray(args, options, opts)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    app = create_app(options, _loader(args, args.warmup_size))
-    server = make_server(app, _net_options(args))
-    state = app.state.omni
-    state.on_load_error = lambda e: setattr(server, "should_exit", True)
-    log.info("serving %s on http://%s:%d (loading the model in the background; /health says when ready)", name, args.host, args.port)
+    serving = ImageServing(options, lambda: load_runtime(model, runtime=args.runtime, options=opts))
+    server = make_server(create_app(serving), _net_options(args))
+    log.info("serving %s on http://%s:%d (loading the model in the background; /health says when ready)", options.served_model_name,
+             args.host, args.port)
     server.run()
-    if state.load_error:
-        print(f"error: the model failed to load: {state.load_error}", file=sys.stderr)
+    if serving.load_error:
+        print(f"error: the model failed to load: {serving.load_error}", file=sys.stderr)
         return 1
     return 0
 
@@ -155,31 +137,28 @@ def _net_options(args: argparse.Namespace) -> Any:
     return NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower())
 
 
-def _serve_on_ray(args: argparse.Namespace, options: Any) -> int:
-    """--replicas: Ray Serve runs the same app as ingress and the model replicas (Ray is imported here only)."""
+def _serve_on_ray(args: argparse.Namespace, options: Any, opts: Any) -> int:
+    """--replicas: Ray Serve runs the model replicas behind the same app (Ray is imported here only)."""
     try:
-        from .server.ray_app import ReplicaSpec, run
+        from .server.ray.deploy import ReplicaSpec, run
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "ray":
             raise UsageError("--replicas needs Ray Serve: pip install 'omni-trt[ray]'", "--replicas") from None
         raise
-    from .runtime.pipeline import LoadOptions
-
-    load = LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
-                       warmup_size=args.warmup_size)
-    spec = ReplicaSpec(model=args.model, engine_dir=args.engine_dir, runtime=args.runtime, load=load, options=options, threads=args.threads)
+    spec = ReplicaSpec(model=args.model, engine_dir=args.engine_dir, runtime=args.runtime, load=opts, options=options, threads=args.threads)
     return run(spec, _net_options(args), args.replicas or args.min_replicas or 1, args.min_replicas, args.max_replicas, args.ray_address)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .runtime.request import resolve
+    from .runtime.loader import load_runtime, resolve_model
+    from .runtime.request import ImageAsk, resolve
     from .server.encoding import encode_image
 
-    runtime = _loader(args, args.size)()  # torch-compile compiles the size it makes
-    req = resolve(
-        runtime.family, args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
-        true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seed=args.seed, limits=runtime.limits,
-    )
+    # torch-compile compiles the size it makes
+    runtime = load_runtime(resolve_model(args.model, args.engine_dir), runtime=args.runtime, options=load_options(args, args.size))
+    ask = ImageAsk(args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
+                   true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seed=args.seed)
+    req = resolve(runtime.family, ask, limits=runtime.limits)
     result = runtime.generate([req])
     out = Path(args.output)
     paths = [out] if req.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(req.n)]
@@ -218,12 +197,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="omni", description="TensorRT-accelerated serving of diffusers text-to-image pipelines.")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
-    parser.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object per line (default: text)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_serve_parser(sub: Any) -> None:
     p = sub.add_parser("serve", help="serve an OpenAI-compatible image API", description=(
         "Serve /v1/images/generations and /v1/chat/completions (image output) for a diffusers pipeline. "
         "The server listens at once and answers 503 until the model is loaded."))
@@ -233,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME", help=(
         "the model names clients may send; the first is the one reported (default: the model id). "
         "vLLM's convention: e.g. --served-model-name my-model default"))
-    p.add_argument("--max-queue", type=positive_int, default=64, help="requests that may wait; more get 429 (default: 64)")
-    p.add_argument("--max-batch-size", type=positive_int, default=4, help="most images per pipeline call: compatible requests are batched up to it, larger requests run in chunks of it (default: 4)")
+    p.add_argument("--max-queue", type=positive_int, default=MAX_QUEUE, help=f"requests that may wait; more get 429 (default: {MAX_QUEUE})")
+    p.add_argument("--max-batch-size", type=positive_int, default=MAX_BATCH_SIZE, help="most images per pipeline call: compatible requests "
+                   f"are batched up to it, larger requests run in chunks of it (default: {MAX_BATCH_SIZE})")
     g = p.add_argument_group("access")
     g.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (checked before the body is read). "
                    f"Visible in `ps`: prefer --api-key-file or ${API_KEY_ENV}")
@@ -272,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
         "default size). Other sizes, batches and longer prompts compile once, on their first request"))
     p.set_defaults(func=cmd_serve)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omni", description="TensorRT-accelerated serving of diffusers text-to-image pipelines.")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    parser.add_argument("--log-format", default="text", choices=logs.FORMATS, help="text lines, or one JSON object per line (default: text)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_serve_parser(sub)
+
     p = sub.add_parser("generate", help="make one image without a server", description="Generate images with the same defaults and validation as the API.")
     _add_load_args(p)
     p.add_argument("--prompt", "-p", required=True, help="text prompt")
@@ -303,14 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip hashing the files (fast for large engines)")
     p.set_defaults(func=cmd_inspect)
 
-    for module in ("omni_trt.compiler.command", "omni_trt.bench"):
-        try:
-            mod = __import__(module, fromlist=["add_parsers"])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.add_parsers(sub)
+    from . import bench
+    from .compiler import command
+
+    command.add_parsers(sub)
+    bench.add_parsers(sub)
     return parser
 
 

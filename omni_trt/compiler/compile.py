@@ -108,7 +108,6 @@ def _compile(
     t0: float,
 ) -> CompileResult:
     from polygraphy.backend.trt import EngineBytesFromNetwork, NetworkFromOnnxPath
-    from polygraphy.backend.trt import Profile as PolyProfile
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
@@ -124,27 +123,7 @@ def _compile(
         if problems:
             raise BuildError(f"{label}: the profile does not fit the network:\n  " + "\n  ".join(problems))
 
-        poly_profile = PolyProfile()
-        for name, (lo, opt, hi) in profile.items():
-            poly_profile.add(name, tuple(lo), tuple(opt), tuple(hi))
-        # Deserializing a timing cache needs CUDA (TensorRT-RTX prints CUDA errors without one), and a
-        # build without a GPU times nothing: load the cache only where there is a GPU.
-        load_cache = timing_cache is not None and timing_cache.is_file() and trt_flavor.gpu() is not None
-        cache_in = timing_cache.read_bytes() if load_cache else None
-        progress = _Progress(trt, label)
-        loader = trt_flavor.create_config(
-            flavor,
-            compute_capabilities,
-            profiles=[poly_profile],
-            builder_optimization_level=opt_level,
-            # file-like objects: polygraphy would otherwise leave .lock files next to the cache
-            load_timing_cache=_ReadableBytes(cache_in) if cache_in else None,
-            progress_monitor=progress.monitor,
-        )
-        try:
-            config = loader(builder, network)
-        except PolygraphyException as e:
-            raise BuildError(f"{label}: builder configuration failed: {e}") from e
+        config, progress = _configure(builder, network, profile, flavor, trt, opt_level, timing_cache, compute_capabilities, label)
         targets = _targets(config, flavor)
         log.info(
             "%s: building %s %s engine (opt level %d, targets %s)",
@@ -180,6 +159,36 @@ def _compile(
         outputs=outputs,
         profile={k: [list(s) for s in v] for k, v in profile.items()},
     )
+
+
+def _configure(builder: Any, network: Any, profile: Profile, flavor: Flavor, trt: Any, opt_level: int, timing_cache: Path | None,
+               compute_capabilities: list[str] | None, label: str) -> tuple[Any, "_Progress"]:
+    """The builder config: the one optimization profile, the targets, the timing cache and a progress monitor."""
+    from polygraphy.backend.trt import Profile as PolyProfile
+    from polygraphy.exception import PolygraphyException
+
+    poly_profile = PolyProfile()
+    for name, (lo, opt, hi) in profile.items():
+        poly_profile.add(name, tuple(lo), tuple(opt), tuple(hi))
+    # Deserializing a timing cache needs CUDA (TensorRT-RTX prints CUDA errors without one), and a
+    # build without a GPU times nothing: load the cache only where there is a GPU.
+    load_cache = timing_cache is not None and timing_cache.is_file() and trt_flavor.gpu() is not None
+    cache_in = timing_cache.read_bytes() if load_cache else None
+    progress = _Progress(trt, label)
+    loader = trt_flavor.create_config(
+        flavor,
+        compute_capabilities,
+        profiles=[poly_profile],
+        builder_optimization_level=opt_level,
+        # file-like objects: polygraphy would otherwise leave .lock files next to the cache
+        load_timing_cache=_ReadableBytes(cache_in) if cache_in else None,
+        progress_monitor=progress.monitor,
+    )
+    try:
+        config = loader(builder, network)
+    except PolygraphyException as e:
+        raise BuildError(f"{label}: builder configuration failed: {e}") from e
+    return config, progress
 
 
 def _tensor_info(t: Any) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar, runtime_checkable
 
-from .metrics import Metrics
-from .protocol import ChatBody, ChatCompletionResponse, HealthResponse, ImageEditForm, ImageGenerationBody, ImagesResponse, ModelList
+if TYPE_CHECKING:  # kept light: `omni --help` reads the defaults below
+    from .metrics import Metrics
+    from .protocol import ChatBody, HealthResponse, ImageEditForm, ImageGenerationBody, ModelList
 
 MB = 1 << 20
 # Defined once: ServerOptions, `omni serve`'s flags and the Ray config builder read these.

@@ -105,6 +105,10 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
+    def alive(self) -> bool:
+        """The worker thread runs (a health check's question)."""
+        return self._thread.is_alive()
+
     def depth(self) -> int:
         with self._cond:
             return len(self._queue)

@@ -1,0 +1,199 @@
+"""The Ray client: the serving contract over a Ray Serve handle to the model replicas. It
+validates nothing itself, so every rule and message is the replicas' own; the request calls it
+forwards are read off the contract (REQUEST_CALLS, STREAM_CALLS), so a new endpoint cannot be
+forgotten on this path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+from ...errors import Cancelled, OmniError
+from ..admission import CLIENT_LEFT, internal_error
+from ..contract import DRAINING, REQUEST_CALLS, STREAM_CALLS, Answer, Caller, ServerOptions, Stream, never
+from ..metrics import Metrics, merge_replica_metrics, own_metrics
+from ..protocol import HealthResponse, ModelList
+from ..streaming import event_stream
+from .replica import HUB, Refused, answered
+
+log = logging.getLogger(__name__)
+
+READY_POLL_S = 1.0
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """What a replica call raised, as the app should answer it."""
+    from ray import exceptions as rex
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+    cause = getattr(e, "cause", None)
+    if isinstance(e, rex.RayTaskError) and isinstance(cause, answered()):
+        return cause  # a refusal made by the replica's serving object
+    if isinstance(e, answered()):
+        return e
+    if isinstance(e, BackPressureError):
+        return OmniError("every replica is busy and Ray Serve's queue is full; retry later", status=429, headers={"Retry-After": "5"})
+    if isinstance(e, RequestCancelledError):
+        return Cancelled(CLIENT_LEFT, status=499)
+    if isinstance(e, (rex.ActorDiedError, rex.RayActorError, rex.ActorUnavailableError, DeploymentUnavailableError)):
+        return OmniError("the replica serving this request died or is restarting; retry (another replica takes it)",
+                         status=503, headers={"Retry-After": "2"})
+    log.error("replica call failed", exc_info=e)
+    return internal_error("ray")
+
+
+def proxy_caller(request: Any) -> Caller:
+    """A request that came through Ray Serve's HTTP proxy: the proxy's request id (the one it
+    puts in X-Request-Id), and no disconnect to await: the proxy cancels the request's task."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        request_id = _get_serve_request_context().request_id or None
+    except Exception:  # noqa: BLE001 - an older or newer Ray: the replica makes its own
+        request_id = None
+    return Caller(request_id, never)
+
+
+class RemoteServing:
+    """The contract's Serving over `handle` (the ModelReplica deployment).
+
+    behind_proxy: the app runs as Ray Serve's ingress deployment (a cluster, KubeRay), whose proxy
+    sets X-Request-Id itself; otherwise it runs under `omni serve`'s own uvicorn, one Ray hop from
+    the replicas instead of three."""
+
+    def __init__(self, options: ServerOptions, handle: Any, behind_proxy: bool = False) -> None:
+        self.options = options
+        self.handle = handle
+        self.behind_proxy = behind_proxy
+        self.metrics = Metrics()  # the HTTP counters; the replicas keep the rest
+        self.draining: str | None = None
+        self.load_error: str | None = None
+        self.ongoing = 0
+        self._ready = False
+        self._open: set[Any] = set()  # replica calls under way, cancelled if the app stops first
+        self._hub: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._ready
+
+    def load(self) -> None:
+        """Wait until a replica answers (Ray routes only to replicas that loaded their model)."""
+        while not self._ready:
+            try:
+                self.handle.health.remote().result(timeout_s=30)
+                self._ready = True
+            except Exception as e:  # noqa: BLE001 - still starting; Ray replaces replicas that fail
+                log.info("waiting for a replica: %s", type(e).__name__)
+                time.sleep(READY_POLL_S)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Refuse new work (503) and let the requests under way finish, up to `timeout`; then Ray
+        Serve's shutdown drains the replicas."""
+        timeout = self.options.drain_timeout_s if timeout is None else timeout
+        self.draining = DRAINING
+        deadline = time.monotonic() + timeout
+        while self.ongoing and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        for call in list(self._open):  # nobody will read them: the replicas drop the work
+            call.cancel()
+
+    async def health(self) -> HealthResponse:
+        return await self._ask(self.handle.health.remote())
+
+    async def models(self) -> ModelList:
+        return await self._ask(self.handle.models.remote())
+
+    async def render_metrics(self) -> bytes:
+        import ray
+
+        try:
+            self._hub = self._hub or ray.get_actor(HUB, namespace="serve")
+            replicas = await self._hub.collect.remote()
+        except Exception:  # noqa: BLE001 - no hub (yet): the app's own series alone
+            replicas = {}
+        return own_metrics(self.metrics) + merge_replica_metrics(replicas).encode()
+
+    # ---- calls to a replica ----
+
+    async def _ask(self, response: Any, caller: Caller = Caller()) -> Any:
+        """A replica's answer; a client that leaves cancels the call, and the replica its work."""
+        self.ongoing += 1
+        self._open.add(response)
+        try:
+            out = await caller.race(response)
+        except (asyncio.CancelledError, Cancelled):
+            response.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001 - mapped to what the client sees
+            raise unwrap(e) from None
+        finally:
+            self.ongoing -= 1
+            self._open.discard(response)
+        if isinstance(out, Refused):
+            raise out.error
+        return out
+
+    async def _call(self, method: str, caller: Caller, *args: Any) -> Answer:
+        out, headers = await self._ask(self.handle.call.remote(method, caller.request_id, *args), caller)
+        return out, self._headers(headers)
+
+    async def _stream(self, method: str, caller: Caller, *args: Any) -> Stream:
+        """The replica's admission answers before the stream starts (a refusal stays a JSON 4xx);
+        then its events are relayed."""
+        gen = self.handle.options(stream=True).stream.remote(method, caller.request_id, *args)
+        headers = await self._ask(_first(gen), caller)
+        events = event_stream(self._relay(gen), caller, self.options.keepalive_s, lambda _: gen.cancel())
+        return events, self._headers(headers)
+
+    async def _relay(self, gen: Any) -> AsyncIterator[str]:
+        self.ongoing += 1
+        self._open.add(gen)
+        try:
+            while True:
+                try:
+                    event = await gen.__anext__()
+                except StopAsyncIteration:
+                    return
+                except Exception as e:  # noqa: BLE001 - the replica died mid-stream: an error event says so
+                    raise unwrap(e) from None
+                yield event
+        finally:
+            self.ongoing -= 1
+            self._open.discard(gen)
+
+    def _headers(self, headers: dict[str, str]) -> dict[str, str]:
+        """Behind Ray's proxy, which sets X-Request-Id itself (to the same id): one header, not two."""
+        return {k: v for k, v in headers.items() if k.lower() != "x-request-id"} if self.behind_proxy else headers
+
+
+class _first:
+    """Awaits a streaming response's first item (cancelling the awaitable cancels the stream)."""
+
+    def __init__(self, gen: Any) -> None:
+        self.gen = gen
+
+    def __await__(self) -> Any:
+        return self.gen.__anext__().__await__()
+
+    def cancel(self) -> None:
+        self.gen.cancel()
+
+
+def _forward(method: str, streamed: bool) -> Callable[..., Any]:
+    async def forward(self: RemoteServing, caller: Caller, *args: Any) -> Any:
+        return await (self._stream if streamed else self._call)(method, caller, *args)
+
+    forward.__name__ = forward.__qualname__ = method
+    forward.__doc__ = f"The contract's {method}, answered by a replica."
+    return forward
+
+
+for _name in REQUEST_CALLS:
+    setattr(RemoteServing, _name, _forward(_name, streamed=False))
+for _name in STREAM_CALLS:
+    setattr(RemoteServing, _name, _forward(_name, streamed=True))
