@@ -19,7 +19,10 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .runtime.loader import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +93,12 @@ def _runtime_names(args: argparse.Namespace) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .demo import ensure_demo_model
-    from .enginedir import Manifest
+    from .runtime.loader import resolve_model
 
     names = _runtime_names(args)
-    model = args.model or (Manifest.read(args.engine_dir).model.id if args.engine_dir else str(ensure_demo_model()))
+    ref = resolve_model(args.model, args.engine_dir)
     results: dict[str, Any] = {
-        "model": model,
+        "model": args.model or ref.source(),
         "engine_dir": args.engine_dir,
         "batch": args.batch,
         "warmup": args.warmup,
@@ -107,7 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "runtimes": {},
     }
     for name in names:
-        kind, entry = bench_runtime(name, model, args)
+        kind, entry = bench_runtime(name, ref, args)
         results["runtimes"][name if kind in results["runtimes"] else kind] = entry
         if "stages" in entry:
             results["size"], results["steps"] = entry.pop("size"), entry.pop("steps")
@@ -137,7 +139,7 @@ def _write(results: dict[str, Any], out: str | None) -> None:
         atomic_write(out, json.dumps(results, indent=2) + "\n")
 
 
-def bench_runtime(name: str, model: str, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+def bench_runtime(name: str, ref: ModelRef, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """(what ran, its entry): stages and load time, or "skipped" (an OmniError: it cannot run
     here, and why), or "error" (a fault, logged with its traceback)."""
     import torch
@@ -145,15 +147,16 @@ def bench_runtime(name: str, model: str, args: argparse.Namespace) -> tuple[str,
     from .errors import OmniError
     from .runtime.loader import ENGINE_RUNTIMES, load_runtime
     from .runtime.pipeline import LoadOptions
-    from .runtime.request import resolve
+    from .runtime.request import ImageAsk, resolve
 
     opts = LoadOptions(device=args.device, dtype=args.dtype, warmup_size=args.size)
     rt = None
     t0 = time.perf_counter()
     try:
-        rt = load_runtime(model, args.engine_dir if name in ENGINE_RUNTIMES else None, name, opts)
+        rt = load_runtime(ref if name in ENGINE_RUNTIMES else ref.without_engines(), runtime=name, options=opts)
         load_s = time.perf_counter() - t0
-        req = resolve(rt.family, "a photo of a red fox in the snow, detailed fur", size=args.size, steps=args.steps, n=args.batch, seed=0, limits=rt.limits)
+        ask = ImageAsk("a photo of a red fox in the snow, detailed fur", size=args.size, steps=args.steps, n=args.batch, seed=0)
+        req = resolve(rt.family, ask, limits=rt.limits)
         for _ in range(args.warmup):
             rt.generate([req])
         stats = summarize([rt.generate([req]).stages for _ in range(args.repeats)])

@@ -24,31 +24,8 @@ from typing import Any
 
 from .. import hub
 from ..dtypes import torch_dtype
-from ..enginedir import (
-    Action,
-    ComponentEntry,
-    EngineEntry,
-    EngineIO,
-    FileEntry,
-    GpuInfo,
-    Manifest,
-    ModelEntry,
-    OnnxEntry,
-    PointEntry,
-    Points,
-    ShapeRange,
-    TensorIO,
-    Validation,
-    combined_fingerprint,
-    manifest_path,
-    model_fingerprint,
-    now,
-    onnx_relpath,
-    plan_relpath,
-    present_sizes,
-    timing_cache_name,
-    trt_flavor,
-)
+from ..enginedir import Action, ComponentEntry, EngineEntry, EngineIO, FileEntry, GpuInfo, Manifest, ModelEntry, OnnxEntry, PointEntry, Points
+from ..enginedir import ShapeRange, TensorIO, Validation, combined_fingerprint, manifest_path, model_fingerprint, now, onnx_relpath, plan_relpath, present_sizes, timing_cache_name, trt_flavor
 from ..errors import BuildError, ModelNotFound
 from ..files import sha256_file
 from ..models import detect_family

@@ -14,6 +14,7 @@ from ..files import build_dir
 from .. import models
 
 DEMO_FAMILY = models.Z_IMAGE.name
+DEMO_NAME = f"omni-trt/demo-{DEMO_FAMILY}"  # the served model name of the demo model
 DEMO_VERSION = 1  # bump when a tiny pipeline's config changes
 # Family -> the module here that builds its pipelines (build_tiny, build_real_shapes): this
 # package's modules are named as the families' packages in models/.

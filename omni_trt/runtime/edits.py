@@ -9,30 +9,30 @@ import logging
 from typing import Any
 
 from ..dtypes import torch_dtype
-from .pipeline import PipelineRuntime
+from ..models import Family
 
 
-def edit_pipeline(rt: PipelineRuntime, task: str) -> Any:
-    """The family's Img2Img (task "img2img") or Inpaint ("inpaint") pipeline over `rt.pipe`'s
-    own modules: no weights are copied, so build it once per runtime and task and run it under
-    the runtime's lock, as generate() runs the text-to-image pipeline."""
+def edit_pipeline(pipe: Any, family: Family, dtype: str, task: str) -> Any:
+    """The family's Img2Img (task "img2img") or Inpaint ("inpaint") pipeline over the
+    text-to-image `pipe`'s own modules, loaded in `dtype`: no weights are copied, so build it
+    once per runtime and task and run it under the runtime's lock, as generate() runs `pipe`."""
     import diffusers
 
     from ..models.standin import EngineStandIn
 
-    cls = getattr(diffusers, rt.family.edits.pipeline_class(task))
+    cls = getattr(diffusers, family.edits.pipeline_class(task))
     # from_pipe carries over only the modules of the classes its signature names: pass the
     # stand-ins by name. It casts every module to `dtype` (fp32 when not given), in place, and the
     # modules are shared: the runtime's own dtype leaves them as they are.
-    standins = {name: m for name, m in rt.pipe.components.items() if isinstance(m, EngineStandIn)}
+    standins = {name: m for name, m in pipe.components.items() if isinstance(m, EngineStandIn)}
     notes = logging.getLogger("diffusers.models.modeling_utils")
     notes.addFilter(_cast_note)
     try:
-        pipe = cls.from_pipe(rt.pipe, dtype=torch_dtype(rt.dtype), **standins)
+        edit = cls.from_pipe(pipe, dtype=torch_dtype(dtype), **standins)
     finally:
         notes.removeFilter(_cast_note)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    edit.set_progress_bar_config(disable=True)
+    return edit
 
 
 def _cast_note(record: logging.LogRecord) -> bool:

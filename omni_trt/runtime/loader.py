@@ -1,14 +1,16 @@
 """Load what `omni serve` / `omni generate` run: the plain pipeline, or the pipeline with the
 engines of an engine dir swapped in for its transformer and VAE (decoder, and encoder for edits).
 
-Every refusal happens here, before a request is taken, and says what differs and the command
-that rebuilds.
+`resolve_model` finds the model once (a `ModelRef`: cheap, before a server listens), and
+`load_runtime` loads it. Every refusal happens here, before a request is taken, and says what
+differs and the command that rebuilds.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from ..errors import EngineDirError, UsageError
 from ..models import Family, SizeLimits, detect_family, family_by_name
 from .compiled import KIND as TORCH_COMPILE
 from .engines import MissingEngine, OnnxRuntimeEngine, ProfiledEngine, TensorRTEngine
-from .pipeline import EngineSwap, LoadOptions, PipelineRuntime, default_device, load_pipeline
+from .pipeline import EngineSwap, LoadOptions, PipelineRuntime, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -102,29 +104,73 @@ def check_runtime(runtime: str, engine_dir: str | Path | None) -> None:
                          "(and give MODEL), or serve the engines with --runtime auto, tensorrt or onnxruntime")
 
 
-def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtime: str = "auto", options: LoadOptions | None = None) -> PipelineRuntime:
-    """The runtime `serve`, `generate` and `bench` use. Without an engine dir: the plain pipeline
-    (torch-compile: compiled and warmed up)."""
-    options = options or LoadOptions()
-    check_runtime(runtime, engine_dir)
-    if runtime == TORCH_COMPILE:
-        if model is None:
-            raise UsageError("no model: give MODEL")
-        return load_pipeline(model, options, torch_compile=True)
-    if engine_dir is None:
-        if runtime not in ("auto", "torch"):
-            raise EngineDirError(f"--runtime {runtime} runs built engines: give --engine-dir DIR (made by omni build-engine)")
-        if model is None:
-            raise EngineDirError("no model: give MODEL or --engine-dir")
-        return load_pipeline(model, options)
-    engine_dir = Path(engine_dir)
+@dataclass(frozen=True)
+class ModelRef:
+    """The model a runtime loads, found once by `resolve_model`; plain data, so Ray can send it to
+    every replica (the family by name: `family` looks it up).
+
+    model: what is loaded: the hub id or local folder given, the engine dir's model (its manifest's
+    id), or None for the embedded demo model (built on first use, by `source()`). name: the default
+    served model name: the model as given, else the engine dir's model, else the demo's.
+    config_dir and manifest (with an engine dir): the model's configs as checked (its local folder,
+    or a hub snapshot of model_index.json and the replaced components' configs, no weights) and
+    the engine dir's manifest they were checked against."""
+
+    model: str | None
+    engine_dir: Path | None
+    family_name: str
+    name: str
+    config_dir: Path | None = None
+    manifest: Manifest | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def family(self) -> Family:
+        return family_by_name(self.family_name)
+
+    def source(self) -> str:
+        """What from_pretrained loads: the model, or the demo model's folder (built here on first
+        use, so resolving stays cheap)."""
+        if self.model is not None:
+            return self.model
+        from ..demo import ensure_demo_model
+
+        return str(ensure_demo_model(self.family_name))
+
+    def without_engines(self) -> ModelRef:
+        """The same model loaded as it is (for the runtimes that run no engines)."""
+        return ModelRef(self.model, None, self.family_name, self.name)
+
+
+def resolve_model(model: str | None, engine_dir: str | Path | None = None) -> ModelRef:
+    """The model to load, and every refusal that needs no loading: a path that is no model, an
+    engine dir built for another model or family, or one this omni-trt cannot serve. Cheap: it
+    builds no demo model, downloads no weights, and looks a hub model up at most once (configs)."""
+    if engine_dir is not None:
+        return _resolve_engine_dir(model, Path(engine_dir))
+    if model is None:
+        from ..demo import DEMO_FAMILY, DEMO_NAME
+
+        return ModelRef(None, None, DEMO_FAMILY, DEMO_NAME)
+    return ModelRef(model, None, detect_family(model).name, str(model))
+
+
+def _resolve_engine_dir(model: str | None, engine_dir: Path) -> ModelRef:
     m = Manifest.read(engine_dir)
     if model is not None and not hub.same_model(model, m.model.id):
         raise EngineDirError(
             f"{engine_dir} was built for {m.model.id}, not {model}; serve it without MODEL, or build for {model}: "
             f"omni build-engine {model} --engine-dir DIR"
         )
-    model = m.model.id
+    family = _manifest_family(m, engine_dir)
+    config_dir = _model_configs(m, family)
+    if detect_family(config_dir).name != family.name:
+        raise EngineDirError(f"{m.model.id} is no longer a {family.pipeline_class}; rebuild: {_rebuild(m, engine_dir)}")
+    _check_owners(m, family, engine_dir)
+    return ModelRef(m.model.id, engine_dir, family.name, str(model) if model is not None else m.model.id, config_dir, m)
+
+
+def _manifest_family(m: Manifest, engine_dir: Path) -> Family:
+    """The family the manifest names, refused when unknown or when it lists components the family lacks."""
     try:
         family = family_by_name(m.model.family)
     except Exception:
@@ -132,19 +178,75 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
     unknown = [n for n in m.components if n not in family.components]
     if unknown:
         raise EngineDirError(f"{engine_dir} lists components {family.name} does not have ({', '.join(unknown)}); rebuild: {_rebuild(m, engine_dir)}")
-    if detect_family(model).name != family.name:
-        raise EngineDirError(f"{model} is no longer a {family.pipeline_class}; rebuild: {_rebuild(m, engine_dir)}")
+    return family
+
+
+def _check_owners(m: Manifest, family: Family, engine_dir: Path) -> None:
+    """A part of a stand-in (the VAE encoder) runs only beside the component that owns it."""
     for name in m.components:
         owner = family.components[name].part_of
         if owner is not None and owner not in m.components:
             raise EngineDirError(
                 f"{engine_dir} has {name} but not {owner}, whose stand-in runs it; add it: {m.add_command(engine_dir, owner, like=name)}"
             )
-    if runtime == "torch":
-        log.info("--runtime torch: serving %s without the engines in %s", model, engine_dir)
-        return load_pipeline(model, options, family)
 
-    device = options.device or default_device()
+
+def _model_configs(m: Manifest, family: Family) -> Path:
+    """A local model's folder; for a hub model, one snapshot of model_index.json and the replaced
+    components' configs: their weights are never downloaded, the configs are what is compared."""
+    attrs = [family.components[name].pipeline_attr for name in m.components]
+    return hub.model_dir(m.model.id, ["model_index.json", *(f"{a}/*.json" for a in attrs)])
+
+
+def load_runtime(model: str | ModelRef | None, engine_dir: str | Path | None = None, runtime: str = "auto",
+                 options: LoadOptions | None = None) -> PipelineRuntime:
+    """The runtime `serve`, `generate` and `bench` use. `model`: a ModelRef from resolve_model
+    (then nothing is resolved again, and its engine dir is the one used: give no engine_dir), or
+    a model and engine dir to resolve here (no demo fallback: None and no engine dir is refused).
+    Without an engine dir: the plain pipeline (torch-compile: compiled and warmed up)."""
+    if isinstance(model, ModelRef) and engine_dir is not None:
+        raise TypeError("load_runtime: a ModelRef carries its engine dir; give it to resolve_model")
+    engine_dir = model.engine_dir if isinstance(model, ModelRef) else engine_dir
+    check_runtime(runtime, engine_dir)
+    if engine_dir is None and runtime not in ("auto", "torch", TORCH_COMPILE):
+        raise EngineDirError(f"--runtime {runtime} runs built engines: give --engine-dir DIR (made by omni build-engine)")
+    ref = model if isinstance(model, ModelRef) else _resolve_given(model, engine_dir, runtime)
+    options = options or LoadOptions()
+    if ref.engine_dir is None:
+        return load_pipeline(ref.source(), options, ref.family, torch_compile=runtime == TORCH_COMPILE)
+    if runtime == "torch":
+        log.info("--runtime torch: serving %s without the engines in %s", ref.model, ref.engine_dir)
+        return load_pipeline(ref.model, options, ref.family)
+    return _load_with_engines(ref, runtime, options)
+
+
+def _resolve_given(model: str | None, engine_dir: str | Path | None, runtime: str) -> ModelRef:
+    if model is None and engine_dir is None:  # the demo fallback is the caller's: resolve_model(None)
+        if runtime == TORCH_COMPILE:
+            raise UsageError("no model: give MODEL")
+        raise EngineDirError("no model: give MODEL or --engine-dir")
+    return resolve_model(model, engine_dir)
+
+
+def _load_with_engines(ref: ModelRef, runtime: str, options: LoadOptions) -> PipelineRuntime:
+    engine_dir, family = ref.engine_dir, ref.family
+    m = ref.manifest or Manifest.read(engine_dir)
+    device = options.target_device
+    kind = _engine_runtime(m, runtime, device)
+    _verify_files(m, engine_dir, kind)
+    local = hub.local_dir(ref.model) is not None
+    # A replica on another machine lacks the hub snapshot resolve_model made: it fetches its own.
+    config_dir = ref.config_dir if ref.config_dir is not None and ref.config_dir.is_dir() else _model_configs(m, family)
+    changed = m.model_mismatches(config_dir, configs_only=not local)
+    if changed:
+        raise EngineDirError(f"the model changed since the engines were built: {'; '.join(changed)}. Rebuild: {_rebuild(m, engine_dir)}")
+    engines = _open_engines(m, family, engine_dir, kind, device)
+    swap = _engine_swap(m, family, engine_dir, kind, engines, config_dir)
+    return load_pipeline(ref.model, options, family, swap, source=str(config_dir) if local else None)
+
+
+def _engine_runtime(m: Manifest, runtime: str, device: str) -> str:
+    """tensorrt or onnxruntime, as asked or as auto chooses, refused where it cannot run."""
     gpu = trt_flavor.gpu() if device.startswith("cuda") else None
     kind, why = choose_runtime(runtime, m, gpu, _installed_trt())
     log.info("runtime %s (%s)", kind, why)
@@ -154,20 +256,19 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
             f"ONNX Runtime here has no CUDAExecutionProvider, so it cannot run these engines on {device} "
             f"(runtime {kind}: {why}): pip uninstall -y onnxruntime && pip install 'omni-trt[ort-gpu]', or --device cpu"
         )
+    return kind
+
+
+def _verify_files(m: Manifest, engine_dir: Path, kind: str) -> None:
+    """The files `kind` runs (plans, or ONNX graphs and their external data) match the manifest."""
     used = [c.engine.path if kind == "tensorrt" else c.onnx.path for c in m.components.values()]
     used += [rel for c in m.components.values() for rel in c.onnx.files if kind != "tensorrt" and rel not in used]  # external data
     problems = m.verify(engine_dir, only=used)
     if problems:
         raise EngineDirError(f"{engine_dir} does not match its manifest: {'; '.join(problems)}. Rebuild: {_rebuild(m, engine_dir)}")
 
-    attrs = [family.components[name].pipeline_attr for name in m.components]
-    local = hub.local_dir(model)
-    # A hub model's replaced weights are never downloaded: fetch their configs, compare those.
-    model_dir = local or hub.model_dir(model, ["model_index.json", *(f"{a}/*.json" for a in attrs)])
-    changed = m.model_mismatches(model_dir, configs_only=local is None)
-    if changed:
-        raise EngineDirError(f"the model changed since the engines were built: {'; '.join(changed)}. Rebuild: {_rebuild(m, engine_dir)}")
 
+def _open_engines(m: Manifest, family: Family, engine_dir: Path, kind: str, device: str) -> dict[str, ProfiledEngine]:
     trt = None
     if kind == "tensorrt":
         flavors = {c.engine.flavor for c in m.components.values()}
@@ -184,20 +285,19 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         else:
             engine = OnnxRuntimeEngine(engine_dir / entry.onnx.path, device)
         engines[name] = ProfiledEngine(engine, entry.shape_ranges(), name)
-    # Parts of a stand-in this dir was built without (today only the VAE encoder, which only edits
-    # use): generations serve, and a call that needs one says what to build.
-    missing = {
-        name: f"{engine_dir} was built without the {name}, so this server cannot edit images (it still generates them); "
-              f"add it: {m.add_command(engine_dir, name, like=spec.part_of)}"
-        for name, spec in family.components.items()
-        if spec.part_of in m.components and name not in m.components
-    }
-    configs = {family.components[n].pipeline_attr: _component_config(model_dir, family.components[n].pipeline_attr) for n in m.components}
+    return engines
+
+
+def _engine_swap(m: Manifest, family: Family, engine_dir: Path, kind: str, engines: dict[str, ProfiledEngine],
+                 config_dir: Path) -> EngineSwap:
+    """The stand-ins over the engines, and what the runtime reports and limits by them."""
+    missing = _missing_parts(m, family, engine_dir)
+    configs = {family.components[n].pipeline_attr: _component_config(config_dir, family.components[n].pipeline_attr) for n in m.components}
     standins = family.standins(configs, engines, lambda name: MissingEngine(name, missing[name]))
     owners = {family.components[n].pipeline_attr: entry for n, entry in m.components.items() if family.components[n].part_of is None}
     # The stand-in feeds its engines in the dtype of the component that owns the attribute.
     replacements = {attr: standin.with_dtype(torch_dtype(owners[attr].dtype)) for attr, standin in standins.items()}
-    swap = EngineSwap(
+    return EngineSwap(
         kind=kind,
         replacements=replacements,
         components={name: kind for name in m.components},
@@ -207,7 +307,17 @@ def load_runtime(model: str | None, engine_dir: str | Path | None = None, runtim
         call_kwargs=_text_kwargs(family, m),
         edit_unavailable=missing.get("vae_encoder"),
     )
-    return load_pipeline(model, options, family, swap, source=str(model_dir) if local else None)
+
+
+def _missing_parts(m: Manifest, family: Family, engine_dir: Path) -> dict[str, str]:
+    """Parts of a stand-in this dir was built without (today only the VAE encoder, which only edits
+    use): generations serve, and a call that needs one says what to build."""
+    return {
+        name: f"{engine_dir} was built without the {name}, so this server cannot edit images (it still generates them); "
+              f"add it: {m.add_command(engine_dir, name, like=spec.part_of)}"
+        for name, spec in family.components.items()
+        if spec.part_of in m.components and name not in m.components
+    }
 
 
 def _text_kwargs(family: Family, m: Manifest) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -17,6 +17,7 @@ from ..errors import Cancelled
 from ..models import Family, SizeLimits, detect_family
 from .compiled import KIND as COMPILED_KIND
 from .compiled import CompileInfo, compile_pipeline
+from .edits import edit_pipeline
 from .request import GenerationRequest, pipeline_kwargs
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ class LoadOptions:
     vae_slicing: bool = False
     vae_tiling: bool = False
     warmup_size: str | None = None  # torch-compile: the WxH compiled at load (None: the family's default)
+
+    @property
+    def target_device(self) -> str:
+        """The device asked for, else cuda where there is one."""
+        return self.device or default_device()
 
 
 @dataclass(frozen=True)
@@ -135,9 +141,7 @@ class PipelineRuntime:
         if task == "text2img":
             return self.pipe
         if task not in self._edit_pipes:
-            from .edits import edit_pipeline
-
-            pipe = edit_pipeline(self, task)
+            pipe = edit_pipeline(self.pipe, self.family, self.dtype, task)
             pipe.encode_prompt = _timed(pipe.encode_prompt, self._timer, "text_encode")  # a method of its own
             self._edit_pipes[task] = pipe
         return self._edit_pipes[task]
@@ -244,7 +248,7 @@ class PipelineRuntime:
                     chunks.append([])
                     used = 0
                 take = min(r.n - offset, limit - used)
-                part = _replace(r, n=take, seed=r.image_seeds()[offset])
+                part = replace(r, n=take, seed=r.image_seeds()[offset])
                 chunks[-1].append((index, offset, part))
                 used += take
                 offset += take
@@ -317,12 +321,6 @@ def _stop_if(should_stop: Callable[[], Cancelled | None] | None) -> None:
         raise reason
 
 
-def _replace(r: GenerationRequest, **changes: Any) -> GenerationRequest:
-    from dataclasses import replace
-
-    return replace(r, **changes)
-
-
 def _standin_type_note(record: logging.LogRecord) -> bool:
     """Drop diffusers' warning that a stand-in is not the class model_index.json names: that is
     the point of a stand-in. Every other record passes."""
@@ -340,7 +338,7 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
 
     options = options or LoadOptions()
     family = family or detect_family(model)
-    device = options.device or default_device()
+    device = options.target_device
     dtype = check_dtype(options.dtype or default_dtype(device))
     log.info("loading %s (%s) on %s in %s", model, family.pipeline_class, device, dtype)
     t0 = time.perf_counter()

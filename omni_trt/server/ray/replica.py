@@ -115,10 +115,8 @@ class ModelReplica:
     async def call(self, method: str, request_id: str | None, *args: Any) -> Answer | Refused:
         """One of the contract's request calls (REQUEST_CALLS), as the local server answers it.
         A client that leaves reaches the replica as a Ray cancellation of this call."""
-        if method not in REQUEST_CALLS:
-            raise ValueError(f"{method} is not one of the serving contract's calls")
         try:
-            out, headers = await getattr(self.serving, method)(Caller(request_id), *args)
+            out, headers = await self._serving_call(method, REQUEST_CALLS)(Caller(request_id), *args)
         except answered() as e:
             return Refused(e)
         return out, {**headers, REPLICA_HEADER: self.replica}
@@ -126,16 +124,19 @@ class ModelReplica:
     async def stream(self, method: str, request_id: str | None, *args: Any) -> AsyncIterator[Any]:
         """One of the streamed calls (STREAM_CALLS): admission first (a refusal is the only item),
         then the headers, then the SSE text as the local server makes it."""
-        if method not in STREAM_CALLS:
-            raise ValueError(f"{method} is not one of the serving contract's streamed calls")
         try:
-            events, headers = await getattr(self.serving, method)(Caller(request_id), *args)
+            events, headers = await self._serving_call(method, STREAM_CALLS)(Caller(request_id), *args)
         except answered() as e:
             yield Refused(e)
             return
         yield {**headers, REPLICA_HEADER: self.replica}
         async for event in events:
             yield event
+
+    def _serving_call(self, method: str, allowed: tuple[str, ...]) -> Any:
+        if method not in allowed:  # only what the contract lists travels over the handle
+            raise ValueError(f"{method} is not one of the serving contract's calls {allowed}")
+        return getattr(self.serving, method)
 
     def check_health(self) -> None:
         """Ray Serve's health check: a replica whose worker died is replaced."""
