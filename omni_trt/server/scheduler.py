@@ -82,8 +82,8 @@ class Scheduler:
     def __init__(
         self,
         run_batch: RunBatch,
-        max_queue: int = 64,
-        max_batch_images: int = 4,
+        max_queue: int,
+        max_batch_images: int,
         on_batch: Callable[[list[Job], BatchResult | None, float], None] | None = None,
     ) -> None:
         self.run_batch = run_batch

@@ -83,6 +83,9 @@ async def event_stream(source: AsyncIterator[str], caller: Caller, keepalive_s: 
         gone.cancel()
         if pending is not None:
             pending.cancel()
+            # A source may still end with its own error once cancelled (a Ray stream answers the
+            # cancellation with RequestCancelledError): nobody reads it now.
+            pending.add_done_callback(lambda t: t.cancelled() or t.exception())
         if not finished:  # the response was closed under us
             abandon(Cancelled(CLIENT_LEFT, status=499))
 
