@@ -64,7 +64,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="hub id (org/name) or local diffusers pipeline folder; "
-                   f"omitted: the embedded tiny demo model ({DEMO_FAMILY}, random weights, built on first use)")
+                   f"omitted: the embedded demo model ({DEMO_FAMILY}, trained to draw 'a red circle on a blue background' and the like)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--vae-use-slicing", action="store_true", help="decode a batch one image at a time (less memory)")
@@ -84,7 +84,7 @@ def load_options(args: argparse.Namespace, warmup_size: str | None = None) -> An
     from .runtime.pipeline import LoadOptions
 
     return LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
-                       warmup_size=warmup_size)
+                       warmup_size=warmup_size, preview_decoder=getattr(args, "preview_decoder", "full"))  # full: no map to fit where nothing streams
 
 
 def server_options(args: argparse.Namespace, names: list[str]) -> Any:
@@ -94,6 +94,7 @@ def server_options(args: argparse.Namespace, names: list[str]) -> Any:
     return ServerOptions(
         served_model_name=names[0], aliases=tuple(names[1:]), max_queue=args.max_queue, max_batch_size=args.max_batch_size,
         api_key=api_key(args), max_body_bytes=int(args.max_body_mb * MB), body_timeout_s=args.body_timeout,
+        body_total_timeout_s=args.body_total_timeout,
         max_prompt_tokens=args.max_prompt_tokens, max_megapixel_steps=args.max_megapixel_steps, request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout, max_input_pixels=int(args.max_input_megapixels * 1e6),
         allowed_image_hosts=tuple(args.allow_image_host),
@@ -111,6 +112,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .models import parse_size
 
         parse_size(args.warmup_size, "--warmup-size")
+    if args.trust_key:
+        if not args.engine_dir:
+            raise UsageError("--trust-key checks an engine dir's signature: give --engine-dir", "--trust-key")
+        from .enginedir.signature import check_signature
+
+        log.info("%s is signed by %s", args.engine_dir, check_signature(args.engine_dir, args.trust_key))
     model = resolve_model(args.model, args.engine_dir)  # fail before listening: a wrong path is not a 503
     options = server_options(args, args.served_model_name or [model.name])
     opts = load_options(args, args.warmup_size)
@@ -134,7 +141,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _net_options(args: argparse.Namespace) -> Any:
     from .server.run import NetOptions
 
-    return NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.log_level.lower())
+    return NetOptions(args.host, args.port, args.max_connections, args.keep_alive, args.header_timeout, int(args.max_header_kb * 1024),
+                      args.log_level.lower())
 
 
 def _serve_on_ray(args: argparse.Namespace, options: Any, opts: Any) -> int:
@@ -173,8 +181,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
-    from .demo import build_demo_model
+    from .demo import build_demo_model, copy_trained_demo
 
+    if args.trained:
+        if args.real_shapes or args.family != DEMO_FAMILY:
+            raise UsageError(f"--trained is the {DEMO_FAMILY} demo model as trained: drop --family and --real-shapes", "--trained")
+        print(copy_trained_demo(Path(args.dir)))
+        return 0
     print(build_demo_model(Path(args.dir), args.family, real_shapes=args.real_shapes, dtype=args.dtype))
     return 0
 
@@ -214,9 +227,14 @@ def _add_serve_parser(sub: Any) -> None:
     g.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/* (checked before the body is read). "
                    f"Visible in `ps`: prefer --api-key-file or ${API_KEY_ENV}")
     g.add_argument("--api-key-file", default=None, metavar="PATH", help="read the API key from this file's first line")
+    g.add_argument("--trust-key", action="append", default=[], metavar="PEM", help="serve --engine-dir only if its manifest is "
+                   "signed (omni build-engine --sign-key) by this Ed25519 public key; repeatable. The manifest's sha256s prove "
+                   "integrity, not who built it. Needs pip install 'omni-trt[sign]'")
     g = p.add_argument_group("limits", "what one request may cost; every refusal is a 4xx naming the field")
     g.add_argument("--max-body-mb", type=positive_float, default=32, help="largest request body in MB; larger ones get 413 before they are read (default: 32)")
     g.add_argument("--body-timeout", type=positive_float, default=30, metavar="S", help="a request body that stalls this long gets 408 (default: 30)")
+    g.add_argument("--body-total-timeout", type=positive_float, default=120, metavar="S", help="a request body not whole after S seconds "
+                   "gets 408, however it trickles (default: 120)")
     g.add_argument("--max-prompt-tokens", type=positive_int, default=None, help="longest prompt in the model's tokens; longer gets 400 "
                    "(default: all the model reads, e.g. 512 for Z-Image). Prompts over 32 characters per allowed token are refused untokenized")
     g.add_argument("--max-megapixel-steps", type=positive_float, default=256, metavar="MPS", help="most width x height x n x steps / 1e6 "
@@ -228,11 +246,16 @@ def _add_serve_parser(sub: Any) -> None:
     g.add_argument("--request-timeout", type=positive_float, default=300, metavar="S", help="seconds from arrival to answer; past it the "
                    "request gets 504 and its work stops at the next step (default: 300)")
     g = p.add_argument_group("connections and shutdown")
-    g.add_argument("--max-connections", type=positive_int, default=1000, help="open connections and requests uvicorn takes; more get "
-                   "503 (default: 1000)")
+    g.add_argument("--max-connections", type=positive_int, default=1000, help="open connections and requests uvicorn takes. At the "
+                   "cap a new connection closes the oldest idle one (no request under way); past it in busy ones, 503 (default: 1000)")
+    g.add_argument("--header-timeout", type=positive_float, default=10, metavar="S", help="a request's headers must arrive whole within "
+                   "S seconds of the connection (or, kept alive, of the request's first byte); else 408 and the connection closes (default: 10)")
+    g.add_argument("--max-header-kb", type=positive_float, default=64, metavar="KB", help="a request's headers over KB kilobytes get 431 "
+                   "before anything else is checked, the API key included (default: 64)")
     g.add_argument("--keep-alive", type=positive_float, default=5, metavar="S", help="idle keep-alive connections close after S seconds (default: 5)")
     g.add_argument("--drain-timeout", type=positive_float, default=30, metavar="S", help="on SIGINT/SIGTERM: new requests get 503 and the "
-                   "backlog may finish for S seconds; what is left then gets 503 (default: 30). A second signal skips the wait")
+                   "backlog may finish for S seconds; what is left then gets 503 (default: 30). A second signal skips the wait: "
+                   "what is still waiting gets that 503 at once")
     g = p.add_argument_group("scale out (Ray Serve)", "the same API served by N model replicas, one GPU each (one CPU each "
                              "without CUDA); pip install 'omni-trt[ray]'")
     g.add_argument("--replicas", type=positive_int, default=None, metavar="N", help="model replicas (default: none, one process, Ray not used)")
@@ -241,6 +264,10 @@ def _add_serve_parser(sub: Any) -> None:
     g.add_argument("--ray-address", default=None, metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); "
                    "default: start a local one")
     g.add_argument("--threads", type=positive_int, default=None, metavar="T", help="torch CPU threads (per replica with --replicas; default: torch's)")
+    p.add_argument("--preview-decoder", choices=("linear", "full"), default="linear", help=(
+        "what makes streamed partial images: linear (a latent-to-RGB map fitted to the VAE decoder at load and cached under "
+        "$OMNI_TRT_CACHE/previews; previews at most 512 px on the long side, for a small fraction of a decode) or full (a full "
+        "VAE decode per preview, at the image's size). The final image is the full decoder's either way (default: linear)"))
     g = p.add_argument_group("torch-compile")
     g.add_argument("--warmup-size", default=None, metavar="WxH", help=(
         "--runtime torch-compile: the image size compiled and warmed up before /health says ready (default: the family's "
@@ -269,8 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default="out.png", help="output file; .png, .jpg or .webp (default: out.png)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo-model", help="write a tiny random-weight pipeline of a family", description=(
-        "Write a tiny random-weight pipeline (real diffusers classes) loadable with DiffusionPipeline.from_pretrained(DIR)."))
+    p = sub.add_parser("demo-model", help="write a tiny random-weight pipeline of a family, or the trained demo model", description=(
+        "Write a tiny random-weight pipeline (real diffusers classes) loadable with DiffusionPipeline.from_pretrained(DIR); "
+        "--trained: the embedded demo model instead (what `omni serve` serves without a model)."))
     p.add_argument("dir", help="output folder")
     p.add_argument("--family", choices=sorted(FAMILIES), default=DEMO_FAMILY)
     p.add_argument("--real-shapes", action="store_true", help=(
@@ -278,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
         "one-layer text encoder of the right width: for GPU benchmarks without downloadable weights. Needs the model's "
         "size in memory and on disk"))
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weights dtype with --real-shapes (default: bf16)")
+    p.add_argument("--trained", action="store_true", help=(
+        f"a copy of the trained {DEMO_FAMILY} demo model (draws 'a red circle on a blue background' and the like; "
+        "python -m omni_trt.demo.train retrains it) instead of random weights"))
     p.set_defaults(func=cmd_demo_model)
 
     p = sub.add_parser("inspect", help="show what an engine dir holds and verify its files",

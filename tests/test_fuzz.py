@@ -1,6 +1,6 @@
 """Schema fuzzing with schemathesis against a real uvicorn server: bodies that fit /openapi.json
 and bodies that do not (schemathesis' positive and negative modes), for every operation. No case
-may get a 5xx, and every 4xx carries the error shape. Bounded: a small cost cap turns most of the
+may get a 5xx, every 4xx carries the error shape, and every answer is what /openapi.json says. Bounded: a small cost cap turns most of the
 bodies it makes into 400s (the generations that remain are tiny), and a few hundred cases run."""
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def fuzz_server(runtime):
 def test_no_case_gets_a_5xx_and_every_4xx_has_the_error_shape(case, fuzz_server):
     r = case.call(base_url=fuzz_server.url, timeout=30)
     CASES.setdefault(f"{case.method} {case.path}", []).append(r.status_code)
+    # Every schemathesis check (status codes, content types, headers and bodies as /openapi.json
+    # says, schema-invalid bodies refused) but one: the schema cannot say which sizes a model
+    # makes or what the cost cap allows, so some schema-valid bodies are rightly a 400.
+    case.validate_response(r, excluded_checks=[schemathesis.checks.positive_data_acceptance])
     assert r.status_code < 500, (r.status_code, r.text[:500], case.body)
     if r.status_code >= 400:
         body = json.loads(r.text)  # strict JSON: no NaN

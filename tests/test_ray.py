@@ -41,8 +41,9 @@ REPLICA = "x-omni-replica"
 
 
 class RayServer:
-    def __init__(self, url: str, proc: subprocess.Popen, log_path, started_s: float) -> None:
+    def __init__(self, url: str, proc: subprocess.Popen, log_path, started_s: float, answers: list | None = None) -> None:
         self.url, self.proc, self.log_path, self.started_s = url, proc, log_path, started_s
+        self.answers = answers or []  # (seconds since launch, /health response) while it started
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
@@ -57,16 +58,19 @@ def launched(cmd: list[str], log_path: Path, port: int, env: dict[str, str] | No
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
+    answers: list = []
+
     def up() -> bool:
         assert proc.poll() is None, log_path.read_text()[-4000:]
         try:
-            return httpx.get(f"{url}/health", timeout=5).status_code == 200
+            answers.append((time.monotonic() - t0, httpx.get(f"{url}/health", timeout=5)))
         except httpx.HTTPError:
             return False
+        return answers[-1][1].status_code == 200
 
     try:
         wait_until(up, 300, "the Ray app to serve")
-        yield RayServer(url, proc, log_path, time.monotonic() - t0)
+        yield RayServer(url, proc, log_path, time.monotonic() - t0, answers)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -82,6 +86,14 @@ def server(tiny_dir, tmp_path_factory):
            "--port", str(port), "--served-model-name", "tiny-z", "--max-queue", "4", "--max-batch-size", "2", "--drain-timeout", "10"]
     with launched(cmd, tmp_path_factory.mktemp("ray") / "serve.log", port) as s:
         yield s  # `http` and `sdk` (conftest.py) are clients of it
+
+
+def test_it_listens_at_once_and_answers_503_until_the_replicas_are_ready(server):
+    """As the single process does: no refused connections while Ray starts, a 503 in the error shape."""
+    at, first = server.answers[0]
+    assert first.status_code == 503 and first.headers["retry-after"], first.text
+    assert assert_error(first, 503, "not initialized")
+    assert at < server.answers[-1][0] - 1, [(round(t, 1), r.status_code) for t, r in server.answers]
 
 
 def test_health_and_models_come_from_a_replica(http):

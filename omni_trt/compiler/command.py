@@ -23,7 +23,8 @@ def add_parsers(subparsers: Any) -> None:
             "what was built, and `omni serve --engine-dir DIR` uses it."
         ),
     )
-    p.add_argument("model", help="hub id (org/name) or local diffusers pipeline folder")
+    p.add_argument("model", nargs="?", default=None, help="hub id (org/name) or local diffusers pipeline folder; omitted "
+                   "(or omni-trt/demo-z-image, the demo's served name): the embedded demo model")
     p.add_argument("--engine-dir", default=None, help="output folder (default: engines/<model-slug>/)")
     p.add_argument(
         "--components", default=None,
@@ -73,6 +74,11 @@ def add_parsers(subparsers: Any) -> None:
         "--no-validate", action="store_true",
         help="skip the ONNX Runtime check against diffusers (it runs on CPU and holds the fp32 model twice)",
     )
+    p.add_argument(
+        "--sign-key", default=None, metavar="PEM",
+        help="sign the manifest with this Ed25519 private key (manifest.json.sig), so `omni serve --trust-key` can check who "
+        "built the dir; needs pip install 'omni-trt[sign]'",
+    )
     p.set_defaults(func=cmd_build_engine)
 
 
@@ -80,14 +86,21 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from .execute import build_engines
 
+    key = None
+    if args.sign_key:
+        from ..enginedir.signature import signing_key
+
+        key = signing_key(args.sign_key)  # a bad key fails before the build
     text_len = None
     if args.text_len:
         try:
             text_len = [int(x) for x in args.text_len.split(",")]
         except ValueError:
             raise UsageError(f"--text-len takes MIN,OPT,MAX integers, got {args.text_len!r}", "--text-len") from None
+    from ..demo import demo_source  # the embedded demo model's folder for no model or its served name
+
     report = build_engines(
-        args.model,
+        demo_source(args.model),
         engine_dir=args.engine_dir,
         components=args.components,
         dtype=args.dtype,
@@ -105,5 +118,9 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
         opt_level=args.opt_level,
         validate=not args.no_validate,
     )
+    if key is not None:
+        from ..enginedir.signature import sign_engine_dir
+
+        sign_engine_dir(report.engine_dir, key)
     print(report.engine_dir)
     return 0

@@ -21,7 +21,7 @@ from ..errors import ManifestError
 from ..files import atomic_write, sha256_file
 from ..models.base import Point
 from .fingerprint import model_fingerprint
-from .layout import is_inside, manifest_path
+from .layout import escapes, is_inside, manifest_path
 
 FORMAT = 1
 DType = Literal["bf16", "fp16", "fp32"]
@@ -256,6 +256,10 @@ class Manifest(_Entry):
         problems = [f"{rel}: not listed in the manifest" for rel in sorted(wanted - set(self.files))]
         for rel in sorted(wanted & set(self.files)):
             want, path = self.files[rel], engine_dir / rel
+            why = escapes(engine_dir, rel)
+            if why is not None:
+                problems.append(f"{rel}: {why}")
+                continue
             if not path.is_file():
                 problems.append(f"{rel}: missing")
                 continue

@@ -22,7 +22,15 @@ from .contract import Caller, Serving, http_caller
 from .guard import Guard
 from .metrics import RequestCounter
 from .playground import static_files
-from .protocol import EVENT_MODELS, error_body
+from .protocol import (
+    EVENT_MODELS,
+    ChatCompletionChunk,
+    CompletedImageEvent,
+    ImageEditForm,
+    ImageGenerationBody,
+    PartialImageEvent,
+    error_body,
+)
 from .routes import router, v1
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,7 @@ def _jsonable_errors(errors: Any) -> list[dict[str, Any]]:
         item = {k: v for k, v in e.items() if k in ("type", "loc", "msg")}
         value = e.get("input")
         if isinstance(value, str):
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate cannot be sent as JSON
             item["input"] = value if len(value) <= 100 else value[:100] + "..."
         elif isinstance(value, (bool, int, type(None))) or (isinstance(value, float) and math.isfinite(value)):
             item["input"] = value
@@ -63,20 +72,45 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         components = schema.setdefault("components", {}).setdefault("schemas", {})
-        refs = []
+        refs = {}
         for model in EVENT_MODELS:
             js = model.model_json_schema(ref_template="#/components/schemas/{model}")
             for name, nested in js.pop("$defs", {}).items():
                 components.setdefault(name, nested)
             components[model.__name__] = js
-            refs.append({"$ref": f"#/components/schemas/{model.__name__}"})
-        for path in schema["paths"].values():
+            refs[model] = {"$ref": f"#/components/schemas/{model.__name__}"}
+        for route, path in schema["paths"].items():
             for op in path.values():
                 stream = op.get("responses", {}).get("200", {}).get("content", {}).get("text/event-stream")
                 if stream is not None:
-                    stream["schema"] = {"oneOf": refs, "description": stream["schema"].get("description", "")}
+                    events = [ChatCompletionChunk] if route.endswith("/chat/completions") else [PartialImageEvent, CompletedImageEvent]
+                    stream["schema"] = {"oneOf": [refs[m] for m in events], "description": stream["schema"].get("description", "")}
+        _file_parts(components)
+        for body in (ImageGenerationBody, ImageEditForm):  # FastAPI writes number bounds as floats: 2**63 - 1 would round up
+            own = body.model_json_schema(ref_template="#/components/schemas/{model}")["properties"]
+            components[body.__name__]["properties"].update({k: {**own[k], "description": v.get("description")}
+                                                             for k, v in components[body.__name__]["properties"].items()})
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _file_parts(components: dict[str, Any]) -> None:
+    """Multipart file parts as OpenAPI's binary strings, and an edit's form needing an image."""
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("contentMediaType") == "application/octet-stream":
+                node["format"] = "binary"
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(components)
+    for name, body in components.items():
+        if name.startswith("Body_edits"):
+            body["anyOf"] = [{"required": ["image"]}, {"required": ["image[]"]}]
 
 
 def create_app(serving: Serving, caller: Callable[[Request], Caller] = http_caller) -> FastAPI:
@@ -110,6 +144,11 @@ def create_app(serving: Serving, caller: Callable[[Request], Caller] = http_call
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        if e.status_code == 400 and isinstance(e.__cause__, (UnicodeDecodeError, RecursionError)):
+            # FastAPI's 400 for a JSON body it could not parse (invalid UTF-8, nesting too deep):
+            # a malformed body, 422 like any other.
+            message = "the body is not valid JSON: " + ("invalid UTF-8" if isinstance(e.__cause__, UnicodeDecodeError) else "nested too deep")
+            return JSONResponse(error_body(422, message, param="body"), status_code=422)
         return JSONResponse(error_body(e.status_code, e.detail), status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
@@ -126,6 +165,6 @@ def create_app(serving: Serving, caller: Callable[[Request], Caller] = http_call
     # Outermost last: the counter sees the guard's answers too.
     options = serving.options
     app.add_middleware(Guard, api_key=options.api_key, max_body=options.max_body_bytes, body_timeout=options.body_timeout_s,
-                       draining=lambda: serving.draining)
+                       draining=lambda: serving.draining, body_total_timeout=options.body_total_timeout_s)
     app.add_middleware(RequestCounter, metrics=serving.metrics)
     return app

@@ -20,6 +20,8 @@ MB = 1 << 20
 MAX_QUEUE = 64
 MAX_BATCH_SIZE = 4
 DRAINING = "the server is shutting down; retry on another replica or later"
+# Always accepted as the served model's name, never listed: vLLM-Omni's benchmark client sends it.
+DEFAULT_MODEL = "default"
 
 T = TypeVar("T")
 
@@ -28,7 +30,7 @@ T = TypeVar("T")
 class ServerOptions:
     """Everything an operator sets on `omni serve` that the app needs (see its --help).
     served_model_name: the name reported; aliases: more names clients may send (vLLM's
-    convention: `--served-model-name a b`; vLLM-Omni's benchmark client sends "default")."""
+    convention: `--served-model-name a b`); DEFAULT_MODEL is accepted besides."""
 
     served_model_name: str
     aliases: tuple[str, ...] = ()
@@ -37,6 +39,7 @@ class ServerOptions:
     api_key: str | None = None
     max_body_bytes: int = 32 * MB  # bodies over it get 413 (edits carry images)
     body_timeout_s: float = 30.0  # a body that stalls longer gets 408
+    body_total_timeout_s: float = 120.0  # ... and one that takes longer in all
     max_prompt_tokens: int | None = None  # None: all the model reads
     max_megapixel_steps: float | None = 256.0  # width x height x n x steps / 1e6 per request
     request_timeout_s: float = 300.0  # from arrival to answer; past it: 504 and the work stops
@@ -136,6 +139,8 @@ class Serving(Protocol):
 
     async def create_chat(self, caller: Caller, body: ChatBody) -> Answer: ...
 
+    async def stream_chat(self, caller: Caller, body: ChatBody) -> Stream: ...
+
 
 def _request_calls(streamed: bool) -> tuple[str, ...]:
     """Serving's methods that carry one request (a Caller first), streamed or not: the Ray client
@@ -152,5 +157,5 @@ def _request_calls(streamed: bool) -> tuple[str, ...]:
 REQUEST_CALLS = _request_calls(streamed=False)
 STREAM_CALLS = _request_calls(streamed=True)
 
-__all__ = ["Answer", "Caller", "DRAINING", "EditFiles", "MAX_BATCH_SIZE", "MAX_QUEUE", "REQUEST_CALLS", "STREAM_CALLS", "ServerOptions",
+__all__ = ["Answer", "Caller", "DEFAULT_MODEL", "DRAINING", "EditFiles", "MAX_BATCH_SIZE", "MAX_QUEUE", "REQUEST_CALLS", "STREAM_CALLS", "ServerOptions",
            "Serving", "Stream", "http_caller", "never"]

@@ -28,13 +28,17 @@ async def send_error(send: Any, status: int, message: str, headers: dict[str, st
 
 class Guard:
     """api_key: compared in constant time; max_body: bytes (413 beyond); body_timeout: seconds
-    a body may stall between chunks (408); draining(): a reason while shutting down (503)."""
+    a body may stall between chunks, body_total_timeout: seconds it may take in all (408 past
+    either: a body trickled a byte at a time never stalls); draining(): a reason while shutting
+    down (503)."""
 
-    def __init__(self, app: Any, api_key: str | None, max_body: int, body_timeout: float, draining: Callable[[], str | None]) -> None:
+    def __init__(self, app: Any, api_key: str | None, max_body: int, body_timeout: float, draining: Callable[[], str | None],
+                 body_total_timeout: float | None = None) -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.max_body = max_body
         self.body_timeout = body_timeout
+        self.body_total_timeout = body_total_timeout
         self.draining = draining
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -72,14 +76,19 @@ class Guard:
         chunk; once the body is whole, later messages (the disconnect) are passed through as they come."""
         seen = 0
         done = False
+        total = self.body_total_timeout
+        until = None if total is None else asyncio.get_running_loop().time() + total
 
         async def wrapped() -> dict:
             nonlocal seen, done
             if done:
                 return await receive()
+            left = None if until is None else until - asyncio.get_running_loop().time()
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
+                message = await asyncio.wait_for(receive(), self.body_timeout if left is None else max(0.0, min(left, self.body_timeout)))
             except asyncio.TimeoutError:
+                if left is not None and left <= self.body_timeout:
+                    raise HTTPException(408, f"the request body took longer than this server's {total:g} s in all") from None
                 raise HTTPException(408, f"the request body stalled for over {self.body_timeout:g} s") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))

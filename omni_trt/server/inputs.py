@@ -16,25 +16,31 @@ from urllib.parse import urlsplit
 from ..errors import RequestError
 
 MAX_INPUT_IMAGES = 16  # OpenAI's image[] limit
+# The formats the docs list; Pillow's other plugins (EPS reaches Ghostscript, where installed) are never tried.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+)?(;[a-z0-9=.+-]+)*;base64,(.*)", re.I | re.S)
 
 
 def open_image(data: bytes, param: str, max_pixels: int) -> Any:
-    """An RGB image from encoded bytes (PNG, JPEG, WebP, ...)."""
+    """A decoded image from encoded bytes (INPUT_FORMATS only). Pillow refuses a header past
+    twice its own pixel limit before we see the size: that too is the limit message."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
-        raise RequestError(f"{param} is empty: send an image file (PNG, JPEG or WebP)", param)
+        raise RequestError(f"{param} is empty: send an image file ({', '.join(INPUT_FORMATS)})", param)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
+            im = Image.open(io.BytesIO(data), formats=INPUT_FORMATS)
             _check_pixels(im.size, param, max_pixels)
             im.load()
     except RequestError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RequestError(f"{param} is not an image this server reads (PNG, JPEG, WebP, ...)", param) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise RequestError(f"{param} is more than this server decodes ({max_pixels / 1e6:.1f} megapixels; --max-input-megapixels)",
+                           param) from None
+    except UnidentifiedImageError:
+        raise RequestError(f"{param} is not an image this server reads ({', '.join(INPUT_FORMATS)})", param) from None
     except (OSError, SyntaxError, ValueError):  # truncated or corrupt data
         raise RequestError(f"{param} could not be decoded: the file is truncated or corrupt", param) from None
     return im

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
+from ..errors import RequestError
 from ..runtime.request import MAX_IMAGES, MAX_PARTIAL_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT, ImageAsk
 
 # ---- requests ----
+
+DALL_E_QUALITY = {"standard": "medium", "hd": "high"}  # dall-e-3's values, which the OpenAI SDK sends
 
 
 # Strict: `n: "2"`, `n: true` and `guidance_scale: "3.5"` are type errors, not coerced; NaN and
@@ -19,14 +22,22 @@ from ..runtime.request import MAX_IMAGES, MAX_PARTIAL_IMAGES, MAX_SCALE, MAX_STE
 STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 
+def strict_size(size: str | None) -> str | None:
+    """`size` as given: 'WxH' has no spaces around it (the size parser's own message, on every route)."""
+    if size is not None and size != size.strip():
+        raise RequestError(f"invalid size {size[:40]!r}: expected 'WxH' with positive integers, e.g. '1024x1024'", "size")
+    return size
+
+
 class ImageParams(BaseModel):
     """The vllm-omni extension fields and gpt-image's, shared by both endpoints."""
 
     model_config = STRICT
 
-    quality: Literal["low", "medium", "high", "auto"] | None = Field(None, description=(
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd"] | None = Field(None, description=(
         "gpt-image quality: the family's default steps x 1/3 (low), x 2/3 (medium), x 1 (high, auto); "
-        "an explicit num_inference_steps wins."))
+        "an explicit num_inference_steps wins. dall-e-3's standard and hd are medium and high."))
+    style: Literal["vivid", "natural"] | None = Field(None, description="dall-e-3's; accepted and ignored.")
     background: Literal["auto", "opaque", "transparent"] | None = Field(None, description=(
         "auto and opaque make the usual image; transparent is refused (400): no served model makes alpha."))
     moderation: Literal["auto", "low"] | None = Field(None, description="Accepted for gpt-image clients; no moderation is applied.")
@@ -35,7 +46,7 @@ class ImageParams(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Denoising steps (default: the model family's).")
     guidance_scale: float | None = Field(None, ge=0, le=MAX_SCALE, description="Classifier-free guidance scale (families that take it).")
     true_cfg_scale: float | None = Field(None, ge=0, le=MAX_SCALE, description="True-CFG scale (Qwen-Image, FLUX.1; needs a negative prompt).")
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="Random seed; image i of the request uses seed + i. Default: random.")
+    seed: int | None = Field(None, ge=0, le=SEED_LIMIT - 1, description="Random seed; image i of the request uses seed + i. Default: random.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the returned images.")
     output_compression: int | None = Field(None, ge=0, le=100, description="0..100: PNG zlib effort, or 100 - quality for JPEG/WebP.")
 
@@ -43,13 +54,16 @@ class ImageParams(BaseModel):
         """These fields as ImageAsk's keywords."""
         return dict(steps=self.num_inference_steps, guidance_scale=self.guidance_scale, true_cfg_scale=self.true_cfg_scale,
                     negative_prompt=self.negative_prompt, seed=self.seed, output_format=self.output_format,
-                    output_compression=self.output_compression, quality=self.quality, background=self.background)
+                    output_compression=self.output_compression, quality=DALL_E_QUALITY.get(self.quality, self.quality),
+                    background=self.background)
 
 
 class ImageRequestBody(ImageParams):
     """The fields generations and edits share; each endpoint's body sets its own strictness."""
 
-    prompt: str = Field(description="Text prompt (for an edit: what to make of the image).")
+    # Non-empty, checked after the type: a constrained str would refuse lone surrogates with
+    # pydantic's own words, where every text field has check_text's.
+    prompt: str = Field(json_schema_extra={"minLength": 1}, description="Text prompt (for an edit: what to make of the image).")
     model: str | None = Field(None, description="Must be one of the served model names when given.")
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images (for an edit: per input image).")
     size: str | None = Field(None, description=(
@@ -63,9 +77,16 @@ class ImageRequestBody(ImageParams):
     partial_images: int = Field(0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
         "With stream: previews per image (0..3), the predicted clean image at evenly spaced steps (at most steps - 1)."))
 
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str) -> str:
+        if not prompt:
+            raise ValueError("prompt must not be empty")
+        return prompt
+
     def ask(self) -> ImageAsk:
         """The runtime's form of this body (previews only for a stream)."""
-        return ImageAsk(self.prompt, size=self.size, n=self.n, partial_images=self.partial_images if self.stream else 0,
+        return ImageAsk(self.prompt, size=strict_size(self.size), n=self.n, partial_images=self.partial_images if self.stream else 0,
                         strength=getattr(self, "strength", None), **self._params())
 
 
@@ -97,11 +118,13 @@ class ChatImageParams(ImageParams):
     height: int | None = Field(None, gt=0, description="Image height in pixels (size wins when both are given).")
     width: int | None = Field(None, gt=0, description="Image width in pixels.")
     size: StrictStr | None = Field(None, description="'WxH' in pixels; wins over height/width.")
-    num_outputs_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES, description="Number of images.")
+    num_outputs_per_prompt: int = Field(1, ge=1, le=MAX_IMAGES, description="Images in each choice's message (vLLM-Omni's).")
+    n: int = Field(1, ge=1, le=MAX_IMAGES, description="OpenAI's: the number of choices; choice i's images use seeds from seed + i x per choice.")
 
     def ask(self, prompt: str) -> ImageAsk:
-        """The runtime's form of the chat's parameters; refusals of the prompt name `messages`."""
-        return ImageAsk(prompt, size=self.size, width=self.width, height=self.height, n=self.num_outputs_per_prompt,
+        """The runtime's form of the chat's parameters (n choices of num_outputs_per_prompt images, in
+        one request: image j has seed + j); refusals of the prompt name `messages`."""
+        return ImageAsk(prompt, size=strict_size(self.size), width=self.width, height=self.height, n=self.n * self.num_outputs_per_prompt,
                         strength=self.strength, prompt_param="messages", **self._params())
 
 
@@ -112,6 +135,12 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = Field(None, description="A string, or a list of parts ({'type': 'text', 'text': ...}).")
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(STRICT, extra="ignore")
+
+    include_usage: bool = False
+
+
 class ChatBody(BaseModel):
     """POST /v1/chat/completions with image output (vllm-omni's text-to-image chat)."""
 
@@ -120,6 +149,8 @@ class ChatBody(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation; its user text is the prompt.")
     model: StrictStr | None = Field(None, description="Must be the served model name when given.")
     extra_body: dict[str, Any] | None = Field(None, description="Image parameters (see ChatImageParams); the top level works too.")
+    stream: bool = Field(False, description="Server-sent chat.completion.chunk events (data: lines), ending with data: [DONE].")
+    stream_options: StreamOptions | None = Field(None, description="With stream: include_usage adds a last chunk with the usage.")
 
     def params(self) -> dict[str, Any]:
         """Top-level parameters (what the OpenAI SDK sends for extra_body=...), then the nested
@@ -250,6 +281,29 @@ class ChatCompletionResponse(BaseModel):
     usage: ChatUsage = Field(default_factory=ChatUsage)
 
 
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: list[ImagePart] | None = Field(None, description="A choice's images, as the non-streamed message carries them.")
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """A streamed chat's SSE data: per choice a role chunk, its images, a finish_reason chunk;
+    then a usage chunk (no choices) with stream_options.include_usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: ChatUsage | None = None
+
+
 class ModelDefaults(BaseModel):
     size: str
     num_inference_steps: int
@@ -278,6 +332,8 @@ class RuntimeInfo(BaseModel):
     components: dict[str, str] | None = Field(None, description="Component -> what runs it, where engines are swapped in.")
     engine_profile: dict[str, Any] | None = Field(None, description="Component -> the built min/max request points.")
     compile: dict[str, Any] | None = Field(None, description="torch-compile: what was compiled, the warm-up size and its seconds.")
+    preview_decoder: str | None = Field(None, description="What makes streamed partial images: linear (a fitted latent-to-RGB map, "
+                                        "at most 512 px) or full (the VAE decoder, full size).")
 
 
 class ModelCard(RuntimeInfo):
@@ -330,4 +386,4 @@ def error_body(status: int, detail: Any, message: str | None = None, param: str 
     return {"detail": detail, "error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-EVENT_MODELS = (PartialImageEvent, CompletedImageEvent)  # the data of the SSE events, for /openapi.json
+EVENT_MODELS = (PartialImageEvent, CompletedImageEvent, ChatCompletionChunk)  # the data of the SSE events, for /openapi.json

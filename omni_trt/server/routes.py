@@ -19,7 +19,7 @@ from .protocol import (
     ImagesResponse,
     ModelList,
 )
-from .contract import Caller, Serving
+from .contract import Answer, Caller, Serving
 
 
 def serving(request: Request) -> Serving:
@@ -35,17 +35,26 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     what = {
         400: "A request the model cannot run (size, model name, prompt, an input image it cannot read)",
         401: "Missing or wrong API key",
+        408: "The request body stalled (--body-timeout)",
         413: "A body over the server's size limit",
         422: "A malformed body or a field of the wrong type or out of range",
         429: "The queue is full; retry after Retry-After seconds",
         500: "A server fault (details in the server log)",
         501: "The engines cannot do this (an engine dir built without the VAE encoder: no edits)",
         503: "The model is not loaded yet, or the server is shutting down",
+        504: "The request took longer than --request-timeout; its work was stopped",
     }
     return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
 
 
-GENERATE_ERRORS = _errors(400, 401, 422, 429, 500, 503)
+GENERATE_ERRORS = _errors(400, 401, 408, 413, 422, 429, 500, 503, 504)
+
+
+def with_headers(response: Response, answer: Answer) -> Any:
+    """A serving call's response model, its headers set on the route's response."""
+    out, headers = answer
+    response.headers.update(headers)
+    return out
 
 
 def sse_response(events: Any, headers: dict[str, str]) -> StreamingResponse:
@@ -87,14 +96,12 @@ STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
 async def images(body: ImageGenerationBody, response: Response, s: Serving = Depends(serving), who: Caller = Depends(caller)) -> Any:
     if body.stream:
         return sse_response(*await s.stream_images(who, body))
-    out, headers = await s.create_images(who, body)
-    response.headers.update(headers)
-    return out
+    return with_headers(response, await s.create_images(who, body))
 
 
 EDIT_STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
     "With stream: true. image_edit.partial_image and image_edit.completed events, as for generations.")}}}
-EDIT_ERRORS = {**GENERATE_ERRORS, **_errors(413, 501)}
+EDIT_ERRORS = {**GENERATE_ERRORS, **_errors(501)}
 
 
 @v1.post("/images/edits", response_model=ImagesResponse, responses={**EDIT_ERRORS, 200: {"content": EDIT_STREAM}})
@@ -114,14 +121,17 @@ async def edits(
     mask_bytes = await mask.read() if mask is not None else None
     if form.stream:
         return sse_response(*await s.stream_edit(who, form, files, mask_bytes))
-    out, headers = await s.create_edit(who, form, files, mask_bytes)
-    response.headers.update(headers)
-    return out
+    return with_headers(response, await s.create_edit(who, form, files, mask_bytes))
 
 
-@v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATE_ERRORS)
+CHAT_STREAM = {"text/event-stream": {"schema": {"type": "string", "description": (
+    "With stream: true. OpenAI's chat.completion.chunk events (ChatCompletionChunk, data lines only), then data: [DONE]; "
+    "`error` (ErrorResponse) if it fails after it began; SSE comments while queued.")}}}
+
+
+@v1.post("/chat/completions", response_model=ChatCompletionResponse, responses={**GENERATE_ERRORS, 200: {"content": CHAT_STREAM}})
 async def chat(body: ChatBody, response: Response, s: Serving = Depends(serving), who: Caller = Depends(caller)) -> Any:
-    out, headers = await s.create_chat(who, body)
-    response.headers.update(headers)
-    return out
+    if body.stream:
+        return sse_response(*await s.stream_chat(who, body))
+    return with_headers(response, await s.create_chat(who, body))
 

@@ -16,32 +16,24 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
-
 from ..errors import ComponentNotBuilt, OmniError, RequestError
 from ..logs import escape
 from ..runtime.pipeline import PipelineRuntime
-from ..runtime.request import SEED_LIMIT, GenerationRequest, ImageAsk, RequestCaps, resolve
+from ..runtime.request import SEED_LIMIT, check_text, GenerationRequest, ImageAsk, RequestCaps, resolve
 from .admission import Admission, Admitted
-from .contract import Answer, Caller, EditFiles, ServerOptions, Stream
-from .encoding import data_url, encode_b64
+from .chat import ChatShape, chat_chunks, chat_request, chat_response
+from .contract import DEFAULT_MODEL, Answer, Caller, EditFiles, ServerOptions, Stream
+from .encoding import encode_b64
 from .inputs import MAX_INPUT_IMAGES, as_rgb, check_remote_url, decode_data_url, edit_mask, fetch_image, open_image
 from .metrics import Metrics
 from .protocol import (
-    AssistantMessage,
     ChatBody,
-    ChatChoice,
-    ChatCompletionResponse,
-    ChatImageParams,
     ChatUsage,
     HealthResponse,
     ImageData,
     ImageEditForm,
     ImageGenerationBody,
-    ImagePart,
     ImagesResponse,
-    ImageURL,
     ModelCard,
     ModelDefaults,
     ModelList,
@@ -49,9 +41,14 @@ from .protocol import (
     SizeRange,
 )
 from .scheduler import Scheduler
-from .streaming import event_stream, job_events
+from .streaming import event_stream, job_events, job_images
 
 log = logging.getLogger(__name__)
+
+def user_text(user: str | None) -> str:
+    """The `user` field as logged: valid Unicode (the prompt's rule, 422 naming it), escaped."""
+    return escape(None if user is None else check_text("user", user))
+
 
 Inputs = list[tuple[Any, Any]]  # an edit's (image, mask) pairs; [(None, None)] for a generation
 
@@ -124,7 +121,7 @@ class ImageServing:
 
     def _check_model(self, model: str | None) -> None:
         names = (self.options.served_model_name, *self.options.aliases)
-        if model is not None and model not in names:
+        if model is not None and model not in names and model != DEFAULT_MODEL:
             raise RequestError(f"model {model!r} is not served here; this server serves {', '.join(map(repr, names))}", "model")
 
     def _runtime_info(self) -> RuntimeInfo | None:
@@ -164,48 +161,48 @@ class ImageServing:
     # ---- the endpoints ----
 
     async def create_images(self, caller: Caller, body: ImageGenerationBody) -> Answer:
-        a = await self._admit(caller, body.model, body.ask(), f"images user={escape(body.user)}")
+        a = await self._admit(caller, body.model, body.ask(), f"images user={user_text(body.user)}")
         return await self._images_response(a, caller)
 
     async def stream_images(self, caller: Caller, body: ImageGenerationBody) -> Stream:
-        a = await self._admit(caller, body.model, body.ask(), f"images user={escape(body.user)}", stream=True)
-        return self._events(a, caller, "generation"), self._headers(a)
+        a = await self._admit(caller, body.model, body.ask(), f"images user={user_text(body.user)}", stream=True)
+        return self._events(a, caller, job_events(a, "generation", self._encode, self.admission.result)), self._headers(a)
 
     async def create_edit(self, caller: Caller, form: ImageEditForm, files: EditFiles, mask: bytes | None) -> Answer:
         self._ready()
         inputs = await self._edit_inputs(files, mask)
-        a = await self._admit(caller, form.model, form.ask(), f"edit user={escape(form.user)}", inputs=inputs)
+        a = await self._admit(caller, form.model, form.ask(), f"edit user={user_text(form.user)}", inputs=inputs)
         return await self._images_response(a, caller)
 
     async def stream_edit(self, caller: Caller, form: ImageEditForm, files: EditFiles, mask: bytes | None) -> Stream:
         self._ready()
         inputs = await self._edit_inputs(files, mask)
-        a = await self._admit(caller, form.model, form.ask(), f"edit user={escape(form.user)}", stream=True, inputs=inputs)
-        return self._events(a, caller, "edit"), self._headers(a)
+        a = await self._admit(caller, form.model, form.ask(), f"edit user={user_text(form.user)}", stream=True, inputs=inputs)
+        return self._events(a, caller, job_events(a, "edit", self._encode, self.admission.result)), self._headers(a)
 
     async def create_chat(self, caller: Caller, body: ChatBody) -> Answer:
+        a, shape = await self._admit_chat(caller, body, stream=False)
+        images = await self._encode(await self.admission.wait(a, caller), a.request.output_format, a.request.output_compression)
+        return chat_response(shape, images), self._headers(a)
+
+    async def stream_chat(self, caller: Caller, body: ChatBody) -> Stream:
+        a, shape = await self._admit_chat(caller, body, stream=True)
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        source = chat_chunks(shape, job_images(a, self._encode, self.admission.result), usage)
+        return self._events(a, caller, source), self._headers(a)
+
+    async def _admit_chat(self, caller: Caller, body: ChatBody, stream: bool) -> tuple[Admitted, ChatShape]:
         self._ready()
         self._check_model(body.model)
-        prompt = body.prompt()
-        if not prompt:
-            raise RequestError("no user text in messages: send a message with role 'user' and text content", "messages")
-        try:
-            params = ChatImageParams.model_validate(body.params())
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
-        urls = body.image_urls()
+        prompt, params, urls = chat_request(body)
         # A user image makes the chat an edit of it (vLLM-Omni's chat clients ask for edits so).
         inputs = await self._edit_inputs(await self._chat_images(urls), None) if urls else None
-        a = await self._admit(caller, body.model, params.ask(prompt), "chat", inputs=inputs)
-        images = await self._encode(await self.admission.wait(a, caller), a.request.output_format, a.request.output_compression)
-        parts = [ImagePart(image_url=ImageURL(url=data_url(b, a.request.output_format))) for b in images]
+        a = await self._admit(caller, body.model, params.ask(prompt), "chat", stream=stream, inputs=inputs)
         usage = a.usage()
-        response = ChatCompletionResponse(
-            id=f"chatcmpl-{a.request.request_id}", created=int(time.time()), model=self.options.served_model_name,
-            choices=[ChatChoice(message=AssistantMessage(content=parts))],
-            usage=ChatUsage(prompt_tokens=a.prompt_tokens, completion_tokens=usage.output_tokens, total_tokens=usage.total_tokens),
-        )
-        return response, self._headers(a)
+        shape = ChatShape(f"chatcmpl-{a.request.request_id}", self.options.served_model_name, params.n, params.num_outputs_per_prompt,
+                          a.request.output_format, ChatUsage(prompt_tokens=a.prompt_tokens, completion_tokens=usage.output_tokens,
+                                                             total_tokens=usage.total_tokens))
+        return a, shape
 
     # ---- the shared request sequence ----
 
@@ -256,8 +253,7 @@ class ImageServing:
         response = ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in images], usage=a.usage(), **a.describe())
         return response, self._headers(a)
 
-    def _events(self, a: Admitted, caller: Caller, kind: str) -> Any:
-        source = job_events(a, kind, self._encode, self.admission.result)
+    def _events(self, a: Admitted, caller: Caller, source: Any) -> Any:
         return event_stream(source, caller, self.options.keepalive_s, lambda reason: self.admission.abandon(a, reason),
                             self.admission.deadline(a))
 

@@ -90,11 +90,11 @@ async def event_stream(source: AsyncIterator[str], caller: Caller, keepalive_s: 
             abandon(Cancelled(CLIENT_LEFT, status=499))
 
 
-async def job_events(a: Admitted, kind: str, encode: Encode, result: Callable[[Job], list[Any]]) -> AsyncIterator[str]:
-    """An admitted request's events as its worker makes them: a partial_image event per preview,
-    then one completed event per image. The parts of an edit of several images follow each other,
-    image_index counting on. A part that fails raises its error (`result` says which)."""
-    prefix = PREFIX[kind]
+async def job_images(a: Admitted, encode: Encode, result: Callable[[Job], list[Any]]) -> AsyncIterator[tuple[int, int | None, str]]:
+    """An admitted request's images as its worker makes them, encoded: (image index, preview
+    index, b64) per preview, then (image index, None, b64) per final image. The parts of an edit
+    of several images follow each other, the image index counting on. A part that fails raises
+    its error (`result` says which)."""
     offset = 0
     for job, req in zip(a.jobs, a.requests):
         while True:
@@ -107,16 +107,26 @@ async def job_events(a: Admitted, kind: str, encode: Encode, result: Callable[[J
             if get.done() and not get.cancelled():
                 image, partial, picture = get.result()
                 b64 = (await encode([picture], req.output_format, req.output_compression))[0]
-                event = PartialImageEvent(type=f"{prefix}.partial_image", b64_json=b64, partial_image_index=partial,
-                                          image_index=offset + image, created_at=int(time.time()), **a.describe())
-                yield sse(event.type, event.model_dump())
+                yield offset + image, partial, b64
                 continue
             if not job.previews.empty():
                 continue  # previews still queued: they go first
             encoded = await encode(result(job), req.output_format, req.output_compression)
             for i, b64 in enumerate(encoded):
-                done = CompletedImageEvent(type=f"{prefix}.completed", b64_json=b64, image_index=offset + i, created_at=int(time.time()),
-                                           usage=a.usage(1), **a.describe())
-                yield sse(done.type, done.model_dump())
+                yield offset + i, None, b64
             break
         offset += req.n
+
+
+async def job_events(a: Admitted, kind: str, encode: Encode, result: Callable[[Job], list[Any]]) -> AsyncIterator[str]:
+    """An image endpoint's events: a partial_image event per preview, then one completed event per image."""
+    prefix = PREFIX[kind]
+    async for index, partial, b64 in job_images(a, encode, result):
+        if partial is not None:
+            event = PartialImageEvent(type=f"{prefix}.partial_image", b64_json=b64, partial_image_index=partial, image_index=index,
+                                      created_at=int(time.time()), **a.describe())
+            yield sse(event.type, event.model_dump())
+        else:
+            done = CompletedImageEvent(type=f"{prefix}.completed", b64_json=b64, image_index=index, created_at=int(time.time()),
+                                       usage=a.usage(1), **a.describe())
+            yield sse(done.type, done.model_dump())

@@ -14,7 +14,7 @@ from ...errors import Cancelled, OmniError
 from ..admission import CLIENT_LEFT, internal_error
 from ..contract import DRAINING, REQUEST_CALLS, STREAM_CALLS, Answer, Caller, ServerOptions, Stream, never
 from ..metrics import Metrics, merge_replica_metrics, own_metrics
-from ..protocol import HealthResponse, ModelList
+from ..protocol import HealthResponse, ModelCard, ModelList
 from ..streaming import event_stream
 from .replica import HUB, Refused, answered
 
@@ -63,9 +63,11 @@ class RemoteServing:
     sets X-Request-Id itself; otherwise it runs under `omni serve`'s own uvicorn, one Ray hop from
     the replicas instead of three."""
 
-    def __init__(self, options: ServerOptions, handle: Any, behind_proxy: bool = False) -> None:
+    def __init__(self, options: ServerOptions, handle: Any = None, behind_proxy: bool = False,
+                 connect: Callable[[], Any] | None = None) -> None:
         self.options = options
         self.handle = handle
+        self._connect = connect  # no handle yet: load() gets it (starts the cluster, deploys the replicas)
         self.behind_proxy = behind_proxy
         self.metrics = Metrics()  # the HTTP counters; the replicas keep the rest
         self.draining: str | None = None
@@ -80,7 +82,15 @@ class RemoteServing:
         return self._ready
 
     def load(self) -> None:
-        """Wait until a replica answers (Ray routes only to replicas that loaded their model)."""
+        """Connect if need be, then wait until a replica answers (Ray routes only to replicas that
+        loaded their model). Until then every call is a 503, as while a single process loads."""
+        if self.handle is None and self._connect is not None:
+            try:
+                self.handle = self._connect()
+            except BaseException as e:  # noqa: BLE001 - reported to the operator; the server stops
+                self.load_error = f"{type(e).__name__}: {e}"
+                log.error("the replicas could not be deployed: %s", self.load_error)
+                return
         while not self._ready:
             try:
                 self.handle.health.remote().result(timeout_s=30)
@@ -102,10 +112,18 @@ class RemoteServing:
         for call in list(self._open):  # nobody will read them: the replicas drop the work
             call.cancel()
 
+    def _check_ready(self) -> None:
+        if not self._ready:
+            why = f"the replicas failed to start: {self.load_error}" if self.load_error else "the replicas are starting"
+            raise OmniError(f"Model not initialized ({why})", status=503, headers={"Retry-After": "5"})
+
     async def health(self) -> HealthResponse:
+        self._check_ready()
         return await self._ask(self.handle.health.remote())
 
     async def models(self) -> ModelList:
+        if not self._ready:  # as a loading single process answers: the card, not ready
+            return ModelList(data=[ModelCard(id=self.options.served_model_name, created=int(time.time()), ready=False)])
         return await self._ask(self.handle.models.remote())
 
     async def render_metrics(self) -> bytes:
@@ -139,12 +157,14 @@ class RemoteServing:
         return out
 
     async def _call(self, method: str, caller: Caller, *args: Any) -> Answer:
+        self._check_ready()
         out, headers = await self._ask(self.handle.call.remote(method, caller.request_id, *args), caller)
         return out, self._headers(headers)
 
     async def _stream(self, method: str, caller: Caller, *args: Any) -> Stream:
         """The replica's admission answers before the stream starts (a refusal stays a JSON 4xx);
         then its events are relayed."""
+        self._check_ready()
         gen = self.handle.options(stream=True).stream.remote(method, caller.request_id, *args)
         headers = await self._ask(_first(gen), caller)
         events = event_stream(self._relay(gen), caller, self.options.keepalive_s, lambda _: gen.cancel())

@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from typing import Any
 
@@ -109,40 +111,64 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 def run(spec: ReplicaSpec, net: Any, replicas: int, min_replicas: int | None = None, max_replicas: int | None = None,
         address: str | None = None) -> int:
-    """`omni serve --replicas`: start (or join) a Ray cluster, deploy the model replicas, and
-    serve the HTTP app here under uvicorn (its limits, drain and request ids as without Ray),
-    calling the replicas through a handle. On SIGINT/SIGTERM: the app drains (new requests
-    503, those under way finish, up to --drain-timeout), then Ray Serve drains the replicas."""
-    import ray
-    from ray import serve
-
+    """`omni serve --replicas`: serve the HTTP app here under uvicorn at once (its limits, drain
+    and request ids as without Ray; 503 until a replica is ready), while a thread of its own
+    starts (or joins) a Ray cluster and deploys the model replicas, called through a handle. On
+    SIGINT/SIGTERM: the app drains (new requests 503, those under way finish, up to
+    --drain-timeout), then Ray Serve drains the replicas."""
     from ..run import make_server
 
     replica_options(spec.options, replicas, min_replicas, max_replicas)  # bad flags are refused before a cluster starts
-    t0 = time.perf_counter()
-    ray.init(address=address, namespace="serve", include_dashboard=False, logging_level=logging.WARNING,
-             **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas + 1)}))
+    deployed: Future = Future()
+    stop = threading.Event()
+    owner = threading.Thread(target=_hold_cluster, args=(spec, (replicas, min_replicas, max_replicas), address, deployed, stop),
+                             name="omni-ray", daemon=True)
+    owner.start()
+    serving = RemoteServing(spec.options, connect=deployed.result)
+    log.info("serving %s on http://%s:%d: 503 until %d replica(s) on Ray are ready", spec.options.served_model_name, net.host, net.port,
+             replicas)
+    # uvicorn re-raises the signal that stopped it once it is down; SIGTERM's default action
+    # would end this process there, before the replicas and the local cluster are shut down.
+    signal.signal(signal.SIGTERM, _exit_143)
     try:
+        make_server(create_app(serving), net).run()
+        return 1 if serving.load_error else 0
+    finally:
+        stop.set()
+        owner.join(timeout=spec.options.drain_timeout_s + 60)
+
+
+def _hold_cluster(spec: ReplicaSpec, scale: tuple[int, int | None, int | None], address: str | None, deployed: Future,
+                  stop: threading.Event) -> None:
+    """Start (or join) the cluster and deploy the replicas (the handle goes to `deployed`), hold
+    it until `stop`, then shut it down. One thread does all three: the local cluster's processes
+    are killed when the thread that started them ends (Linux's parent-death signal), so it must
+    not be a thread that returns while the server runs."""
+    import ray
+    from ray import serve
+
+    replicas, min_replicas, max_replicas = scale
+    t0 = time.perf_counter()
+    try:
+        ray.init(address=address, namespace="serve", include_dashboard=False, logging_level=logging.WARNING,
+                 **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas + 1)}))
         serve.start(proxy_location="Disabled")  # the HTTP side is this process's
         start_metrics_hub()
-        handle = serve.run(model_app(spec, replicas, min_replicas, max_replicas), name=APP_NAME, route_prefix=None)
-        app = create_app(RemoteServing(spec.options, handle))
-        log.info("serving %s on http://%s:%d with %d replica(s) on Ray (started in %.1f s)", spec.options.served_model_name,
-                 net.host, net.port, replicas, time.perf_counter() - t0)
-        # uvicorn re-raises the signal that stopped it once it is down; SIGTERM's default action
-        # would end this process there, before the replicas and the local cluster are shut down.
-        signal.signal(signal.SIGTERM, _exit_143)
-        make_server(app, net).run()
-        return 0
+        deployed.set_result(serve.run(model_app(spec, replicas, min_replicas, max_replicas), name=APP_NAME, route_prefix=None))
+        log.info("%d replica(s) deployed on Ray (%.1f s)", replicas, time.perf_counter() - t0)
+    except BaseException as e:  # noqa: BLE001 - the app reports it (load_error) and stops
+        deployed.set_exception(e)
+    stop.wait()
+    if not ray.is_initialized():
+        return
+    log.info("shutting down: Ray Serve drains the replicas (up to %.0f s)", spec.options.drain_timeout_s)
+    try:
+        if address:
+            serve.delete(APP_NAME)  # a shared cluster: only this app goes
+        else:
+            serve.shutdown()
     finally:
-        log.info("shutting down: Ray Serve drains the replicas (up to %.0f s)", spec.options.drain_timeout_s)
-        try:
-            if address:
-                serve.delete(APP_NAME)  # a shared cluster: only this app goes
-            else:
-                serve.shutdown()
-        finally:
-            ray.shutdown()
+        ray.shutdown()
 
 
 def _exit_143(*_: Any) -> None:
