@@ -1,11 +1,16 @@
-"""What streaming costs, and how long an abandoned request holds the worker, against a real
-`omni serve` process on the demo model (side by side in one run).
+"""What streaming costs, and how long an abandoned request holds the worker, against real
+`omni serve` processes (side by side in one run) on MODEL: by default the tiny random-weight
+Z-Image pipeline (the demo model issue 19 measured), built into this run's cache.
 
     .venv/bin/python benchmarks/streaming.py --out benchmarks/results/streaming-cpu.json
 
-1. Time to first event, and the added latency per partial image: the same request (256x256,
-   8 steps) unstreamed and streamed with partial_images 0..3, interleaved, medians; next to the
-   server's own VAE-decode time for one image (its /metrics), which is what a partial should cost.
+1. Previews: one server per --preview-decoder (full: a VAE decode per preview, as before issue 19;
+   linear: the fitted latent-to-RGB map), both up at once and their requests interleaved, so drift
+   hits each alike. Per size (512x512 and 1024x1024, 8 steps): the same request unstreamed and
+   streamed with 0 and 3 partial images, medians; the streamed/unstreamed ratios; when the first
+   partial image arrives, also as a share of the unstreamed time. Then, in this process, the cost
+   of one preview against one full decode at each size (map + upsample to <= 512 px + PNG, against
+   VAE decode + postprocess + full-size PNG).
 2. Abandonment: a long request (512x512, 100 steps) whose client leaves after 0.3 s, then a small
    one: how long the small one waited behind the abandoned work. `--abandon-only` runs just this
    part (it needs nothing but HTTP, so it measures older servers too: copy this file and
@@ -17,14 +22,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
-from common import start_server, stop_server, write_result
+from common import ROOT, start_server, stop_server, write_result
 
 GEN = "/v1/images/generations"
 
@@ -42,39 +48,82 @@ def stream_once(c: httpx.Client, body: dict) -> tuple[float, float, int]:
     return first or 0.0, time.perf_counter() - t0, events
 
 
-def vae_decode_mean_ms(c: httpx.Client) -> float | None:
-    """Mean VAE-decode seconds per observation from the server's histogram (sum / count)."""
-    text = c.get("/metrics").text
-    s = re.search(r'omni_stage_seconds_sum\{stage="vae_decode"\} (\S+)', text)
-    n = re.search(r'omni_stage_seconds_count\{stage="vae_decode"\} (\S+)', text)
-    return float(s.group(1)) / float(n.group(1)) * 1000 if s and n and float(n.group(1)) else None
+def med_ms(xs: list[float]) -> float:
+    return round(statistics.median(xs) * 1000, 1)
 
 
-def bench_streaming(url: str, repeats: int) -> dict:
-    body = {"prompt": "a lighthouse on a cliff at dusk", "size": "256x256", "num_inference_steps": 8, "seed": 1}
-    out: dict = {"size": body["size"], "steps": body["num_inference_steps"], "repeats": repeats}
-    with httpx.Client(base_url=url, timeout=600) as c:
-        for _ in range(3):  # warm-up; then the server's own VAE-decode time, before any preview adds to it
-            c.post(GEN, json=body).raise_for_status()
-        out["server_vae_decode_ms"] = vae_decode_mean_ms(c)
-        plain, streamed = [], {p: [] for p in range(4)}
-        first = {p: [] for p in range(4)}
-        for _ in range(repeats):  # interleaved: drift hits every variant alike
+def bench_previews(urls: dict[str, str], sizes: list[str], steps: int, partials: list[int], repeats: int) -> dict:
+    """Per size, per preview decoder: unstreamed and streamed times, first-partial times, ratios."""
+    out: dict = {"steps": steps, "repeats": repeats, "sizes": {}}
+    clients = {d: httpx.Client(base_url=u, timeout=600) for d, u in urls.items()}
+    try:
+        for size in sizes:
+            body = {"prompt": "a lighthouse on a cliff at dusk", "size": size, "num_inference_steps": steps, "seed": 1}
+            for c in clients.values():  # warm-up
+                c.post(GEN, json=body).raise_for_status()
+                stream_once(c, {**body, "stream": True, "partial_images": max(partials)})
+            plain = {d: [] for d in clients}
+            total = {d: {p: [] for p in partials} for d in clients}
+            first = {d: {p: [] for p in partials} for d in clients}
+            for _ in range(repeats):  # interleaved: drift hits every variant and decoder alike
+                for d, c in clients.items():
+                    t0 = time.perf_counter()
+                    c.post(GEN, json=body).raise_for_status()
+                    plain[d].append(time.perf_counter() - t0)
+                    for p in partials:
+                        f, t, events = stream_once(c, {**body, "stream": True, "partial_images": p})
+                        assert events == p + 1, (p, events)
+                        total[d][p].append(t)
+                        first[d][p].append(f)
+            row = {}
+            for d in clients:
+                base = med_ms(plain[d])
+                row[d] = {
+                    "unstreamed_ms": base,
+                    "streamed_ms": {p: med_ms(total[d][p]) for p in partials},
+                    "streamed_ratio": {p: round(med_ms(total[d][p]) / base, 2) for p in partials},
+                    "first_event_ms": {p: med_ms(first[d][p]) for p in partials},
+                    "first_partial_share": {p: round(med_ms(first[d][p]) / base, 2) for p in partials if p},
+                }
+            out["sizes"][size] = row
+    finally:
+        for c in clients.values():
+            c.close()
+    return out
+
+
+def preview_cost(model: str, sizes: list[str], repeats: int = 5) -> dict:
+    """One preview's own cost against one full decode, in this process: the linear map + upsample
+    + PNG, against VAE decode + postprocess + PNG of the full image. Medians of `repeats`."""
+    import torch
+
+    from omni_trt.runtime.pipeline import LoadOptions, load_pipeline
+    from omni_trt.server.encoding import encode_image
+
+    rt = load_pipeline(model, LoadOptions(preview_decoder="linear"))
+    layout, factor = rt.family.latent_layout, rt.pipe.vae_scale_factor
+    out: dict = {"fit": rt.preview.fit}
+    for size in sizes:
+        w, h = (int(v) for v in size.split("x"))
+        grid = torch.randn(1, layout.channels(rt.pipe), h // factor, w // factor, generator=torch.Generator().manual_seed(0))
+        times: dict[str, list[float]] = {k: [] for k in ("linear_decode", "linear_png", "full_decode", "full_png")}
+        for _ in range(repeats):
             t0 = time.perf_counter()
-            c.post(GEN, json=body).raise_for_status()
-            plain.append(time.perf_counter() - t0)
-            for p in range(4):
-                f, total, events = stream_once(c, {**body, "stream": True, "partial_images": p})
-                assert events == p + 1, (p, events)
-                streamed[p].append(total)
-                first[p].append(f)
-        med = lambda xs: statistics.median(xs) * 1000  # noqa: E731
-        out["unstreamed_ms"] = round(med(plain), 1)
-        out["streamed_ms"] = {p: round(med(v), 1) for p, v in streamed.items()}
-        out["first_event_ms"] = {p: round(med(v), 1) for p, v in first.items()}
-        base = med(streamed[0])
-        out["added_ms_per_partial"] = {p: round((med(streamed[p]) - base) / p, 1) for p in (1, 2, 3)}
-        out["stream_overhead_ms"] = round(base - med(plain), 1)
+            small = rt.preview.images(grid, w, h)[0]
+            t1 = time.perf_counter()
+            encode_image(small, "png")
+            t2 = time.perf_counter()
+            with torch.inference_mode():
+                full = rt.pipe.image_processor.postprocess(layout.decode(rt.pipe, grid), output_type="pil")[0]
+            t3 = time.perf_counter()
+            encode_image(full, "png")
+            t4 = time.perf_counter()
+            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                times[k].append(dt)
+        row = {k: med_ms(v) for k, v in times.items()}
+        row["preview_size"] = f"{small.size[0]}x{small.size[1]}"
+        row["linear_share_of_full"] = round((row["linear_decode"] + row["linear_png"]) / (row["full_decode"] + row["full_png"]), 4)
+        out[size] = row
     return out
 
 
@@ -107,17 +156,38 @@ def bench_abandon(url: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--sizes", default="512x512,1024x1024")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--partials", default="0,3", help="partial_images values streamed (default: 0,3)")
+    ap.add_argument("--decoders", default="full,linear", help="--preview-decoder of each server (default: full,linear)")
+    ap.add_argument("--model", default=None, help="MODEL for omni serve (default: the tiny random-weight Z-Image pipeline)")
     ap.add_argument("--abandon-only", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    server = start_server(["--max-batch-size", "1"])
-    url = server.url
+    sizes = args.sizes.split(",")
+    cache = tempfile.mkdtemp(prefix="omni-bench-")  # one demo model for every server
+    os.environ["OMNI_TRT_CACHE"] = cache
+    sys.path.insert(0, str(ROOT))
+    from omni_trt.demo import build_demo_model
+
+    model = args.model or str(build_demo_model(Path(cache) / "tiny-z-image", "z-image"))
+    result: dict = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}, "model": args.model or "tiny random-weight z-image"}
+    if not args.abandon_only:
+        servers = {}
+        try:
+            for d in args.decoders.split(","):
+                servers[d] = start_server([model, "--max-batch-size", "1", "--preview-decoder", d], cache=cache)
+            result["servers_ready_s"] = {d: round(s.started_s, 1) for d, s in servers.items()}
+            result["previews"] = bench_previews({d: s.url for d, s in servers.items()}, sizes, args.steps,
+                                                [int(p) for p in args.partials.split(",")], args.repeats)
+        finally:
+            for s in servers.values():
+                stop_server(s, 60)
+        result["preview_cost"] = preview_cost(model, sizes)
+    server = start_server([model, "--max-batch-size", "1"], cache=cache)
     try:
-        result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
-        if not args.abandon_only:
-            result["streaming"] = bench_streaming(url, args.repeats)
-        result["abandon"] = bench_abandon(url)
+        result["abandon"] = bench_abandon(server.url)
     finally:
         stop_server(server, 60)
     return write_result(result, args.out)

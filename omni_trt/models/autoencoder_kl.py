@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .base import ComponentSpec, Engine, Point, ReferenceCase, TensorSpec
+from .base import ComponentSpec, Engine, LatentLayout, Point, ReferenceCase, TensorSpec
 
 FACTOR = 8  # pixels per latent cell
 LATENT_DIMS = {0: "batch", 2: "latent_height", 3: "latent_width"}
@@ -85,17 +85,22 @@ def _standin(config: Mapping[str, Any], engine: Engine, vae_encoder: Engine | No
     return AutoencoderKLStandIn(config, engine, vae_encoder)
 
 
-def decode_scaled(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
-    """What ZImagePipeline and StableDiffusion3Pipeline do after their loop: unscale and shift,
-    decode, postprocess."""
+def _decode(pipe: Any, grid: Any) -> Any:
+    """What ZImagePipeline, StableDiffusion3Pipeline and FluxPipeline do after their loop: unscale
+    and shift, decode."""
     cfg = pipe.vae.config
-    latents = latents.to(pipe.vae.dtype) / cfg.scaling_factor + cfg.shift_factor
-    return pipe.image_processor.postprocess(pipe.vae.decode(latents, return_dict=False)[0], output_type="pil")
+    return pipe.vae.decode(grid.to(pipe.vae.dtype) / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
 
 
-def decode_packed(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
-    """FluxPipeline's: its 2x2-packed token latents unpacked first."""
-    return decode_scaled(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor), height, width)
+def _channels(pipe: Any) -> int:
+    return int(pipe.vae.config.latent_channels)
+
+
+# Z-Image and SD3 step on the latent grid itself.
+SCALED = LatentLayout(grid=lambda pipe, latents, height, width: latents, decode=_decode, channels=_channels)
+# FluxPipeline steps on 2x2-packed tokens: unpacked first.
+PACKED = LatentLayout(grid=lambda pipe, latents, height, width: pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor),
+                      decode=_decode, channels=_channels)
 
 
 def vae_decoder_spec(latent_channels: int = 16) -> ComponentSpec:

@@ -183,6 +183,23 @@ def _task(task: str) -> str:
 
 
 @dataclass(frozen=True)
+class LatentLayout:
+    """How a family's pipeline turns the latents its scheduler steps on into pixels, in two halves,
+    so previews can take either the full decoder or a cheap map on the latent grid.
+
+    grid(pipe, latents, height, width): the scheduler's latents (packed for Flux/Qwen-Image) as a
+        (B, C, H/8, W/8) grid of latent pixels, still in the normalised space the transformer sees.
+    decode(pipe, grid): that grid undone (unscale/shift or per-channel mean/std) and through the
+        VAE as the pipeline does after its loop: pixels (B, 3, H, W), about [-1, 1], not clamped.
+    channels(pipe): C, the latent channels of the grid.
+    """
+
+    grid: Callable[[Any, Any, int, int], Any]
+    decode: Callable[[Any, Any], Any]
+    channels: Callable[[Any], int]
+
+
+@dataclass(frozen=True)
 class Family:
     """Everything about one model family, declared once.
 
@@ -194,9 +211,7 @@ class Family:
         above this (Z-Image: 0, SD3: 1); None where CFG is a second call (Qwen-Image, Flux).
     components: ComponentSpec per name in COMPONENTS.
     prompt: how the pipeline reads a prompt (PromptRules).
-    decode_latents(pipe, latents, height, width): PIL images from latents in the layout the
-        pipeline's scheduler steps on (packed for Flux/Qwen-Image), decoded as the pipeline does
-        after its loop (unpack, unscale, VAE, postprocess): what previews of a step are made of.
+    latent_layout: how its latents become pixels (LatentLayout); `decode_latents` is the whole way.
     pixels_per_token: image pixels per side of one transformer token (VAE x8, 2x2 patches).
     edits: its image-to-image and inpainting pipelines and default strengths.
     sample_points: two distinct points (every dynamic dim > 1 and different) used for export
@@ -212,7 +227,7 @@ class Family:
     cfg_batch_above: float | None
     components: Mapping[str, ComponentSpec]
     prompt: PromptRules
-    decode_latents: Callable[[Any, Any, int, int], list[Any]]
+    latent_layout: LatentLayout
     edits: Edits
     sample_points: tuple[Point, Point] | None = None
     pixels_per_token: int = 16
@@ -220,6 +235,12 @@ class Family:
     def image_tokens(self, width: int, height: int) -> int:
         """Transformer tokens of one image (OpenAI's usage.output_tokens)."""
         return (width // self.pixels_per_token) * (height // self.pixels_per_token)
+
+    def decode_latents(self, pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
+        """PIL images from latents in the layout the scheduler steps on, decoded as the pipeline
+        does after its loop (unpack, unscale, VAE, postprocess): full-decoder previews."""
+        pixels = self.latent_layout.decode(pipe, self.latent_layout.grid(pipe, latents, height, width))
+        return pipe.image_processor.postprocess(pixels, output_type="pil")
 
     def transformer_batch(self, images: int, guidance_scale: float | None) -> int:
         """The transformer's batch for `images` images: doubled where the family runs CFG as one

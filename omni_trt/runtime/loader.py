@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from .. import hub, ort
 from ..dtypes import torch_dtype
 from ..enginedir import Manifest, trt_flavor
 from ..errors import EngineDirError, UsageError
-from ..models import Family, SizeLimits, detect_family, family_by_name
+from ..models import Defaults, Family, SizeLimits, detect_family, family_by_name
 from .compiled import KIND as TORCH_COMPILE
 from .engines import MissingEngine, OnnxRuntimeEngine, ProfiledEngine, TensorRTEngine
 from .pipeline import EngineSwap, LoadOptions, PipelineRuntime, load_pipeline
@@ -114,7 +114,8 @@ class ModelRef:
     served model name: the model as given, else the engine dir's model, else the demo's.
     config_dir and manifest (with an engine dir): the model's configs as checked (its local folder,
     or a hub snapshot of model_index.json and the replaced components' configs, no weights) and
-    the engine dir's manifest they were checked against."""
+    the engine dir's manifest they were checked against. defaults: the request defaults the
+    model's folder carries (DEFAULTS_FILE), which replace the family's; None: the family's."""
 
     model: str | None
     engine_dir: Path | None
@@ -122,10 +123,12 @@ class ModelRef:
     name: str
     config_dir: Path | None = None
     manifest: Manifest | None = field(default=None, compare=False, repr=False)
+    defaults: Defaults | None = None
 
     @property
     def family(self) -> Family:
-        return family_by_name(self.family_name)
+        family = family_by_name(self.family_name)
+        return family if self.defaults is None else replace(family, defaults=self.defaults)
 
     def source(self) -> str:
         """What from_pretrained loads: the model, or the demo model's folder (built here on first
@@ -134,11 +137,11 @@ class ModelRef:
             return self.model
         from ..demo import ensure_demo_model
 
-        return str(ensure_demo_model(self.family_name))
+        return str(ensure_demo_model())
 
     def without_engines(self) -> ModelRef:
         """The same model loaded as it is (for the runtimes that run no engines)."""
-        return ModelRef(self.model, None, self.family_name, self.name)
+        return ModelRef(self.model, None, self.family_name, self.name, defaults=self.defaults)
 
 
 def resolve_model(model: str | None, engine_dir: str | Path | None = None) -> ModelRef:
@@ -147,11 +150,29 @@ def resolve_model(model: str | None, engine_dir: str | Path | None = None) -> Mo
     builds no demo model, downloads no weights, and looks a hub model up at most once (configs)."""
     if engine_dir is not None:
         return _resolve_engine_dir(model, Path(engine_dir))
-    if model is None:
-        from ..demo import DEMO_FAMILY, DEMO_NAME
+    if model is None:  # the embedded demo model: its folder is package data, read without building anything
+        from ..demo import DEMO_FAMILY, DEMO_NAME, TRAINED_DIR
 
-        return ModelRef(None, None, DEMO_FAMILY, DEMO_NAME)
-    return ModelRef(model, None, detect_family(model).name, str(model))
+        return ModelRef(None, None, DEMO_FAMILY, DEMO_NAME, defaults=carried_defaults(family_by_name(DEMO_FAMILY), TRAINED_DIR))
+    family = detect_family(model)
+    return ModelRef(model, None, family.name, str(model), defaults=carried_defaults(family, model))
+
+
+# A pipeline folder may carry its own request defaults (the trained demo model draws 64x64 in a few
+# steps, not its family's 1024x1024): read from the folder, so no code checks a model's name.
+DEFAULTS_FILE = "omni_trt_defaults.json"
+
+
+def carried_defaults(family: Family, model: str | Path) -> Defaults | None:
+    """The family's defaults with the fields a local model folder's DEFAULTS_FILE gives (steps,
+    width, height, guidance_scale, true_cfg_scale); None without one (a hub id: none)."""
+    path = Path(model).expanduser() / DEFAULTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        return replace(family.defaults, **json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{path} is not a JSON object of request defaults ({e})") from None
 
 
 def _resolve_engine_dir(model: str | None, engine_dir: Path) -> ModelRef:
@@ -166,7 +187,8 @@ def _resolve_engine_dir(model: str | None, engine_dir: Path) -> ModelRef:
     if detect_family(config_dir).name != family.name:
         raise EngineDirError(f"{m.model.id} is no longer a {family.pipeline_class}; rebuild: {_rebuild(m, engine_dir)}")
     _check_owners(m, family, engine_dir)
-    return ModelRef(m.model.id, engine_dir, family.name, str(model) if model is not None else m.model.id, config_dir, m)
+    return ModelRef(m.model.id, engine_dir, family.name, str(model) if model is not None else m.model.id, config_dir, m,
+                    carried_defaults(family, m.model.id))
 
 
 def _manifest_family(m: Manifest, engine_dir: Path) -> Family:
@@ -306,7 +328,14 @@ def _engine_swap(m: Manifest, family: Family, engine_dir: Path, kind: str, engin
         profile={name: {k: getattr(c.points, k).model_dump() for k in ("min", "max")} for name, c in m.components.items()},
         call_kwargs=_text_kwargs(family, m),
         edit_unavailable=missing.get("vae_encoder"),
+        decoder_id=_decoder_id(m),
     )
+
+
+def _decoder_id(m: Manifest) -> str | None:
+    """The VAE decoder's ONNX files by sha256 (the plans are built from them): what names its preview map."""
+    entry = m.components.get("vae_decoder")
+    return ",".join(m.files[rel].sha256 for rel in entry.onnx.files if rel in m.files) if entry else None
 
 
 def _missing_parts(m: Manifest, family: Family, engine_dir: Path) -> dict[str, str]:

@@ -13,11 +13,13 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from ..dtypes import check_dtype, default_dtype, torch_dtype
-from ..errors import Cancelled
+from ..errors import Cancelled, UsageError
 from ..models import Family, SizeLimits, detect_family
 from .compiled import KIND as COMPILED_KIND
 from .compiled import CompileInfo, compile_pipeline
 from .edits import edit_pipeline
+from .preview import DECODERS as PREVIEW_DECODERS
+from .preview import LinearPreview, load_or_fit
 from .request import GenerationRequest, pipeline_kwargs
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ class LoadOptions:
     vae_slicing: bool = False
     vae_tiling: bool = False
     warmup_size: str | None = None  # torch-compile: the WxH compiled at load (None: the family's default)
+    # Partial images: "linear" (runtime.preview's map, fitted or read from its cache at load; what
+    # `omni serve` defaults to) or "full" (the VAE decoder; nothing to fit, for callers that never stream).
+    preview_decoder: str = "full"
 
     @property
     def target_device(self) -> str:
@@ -54,7 +59,8 @@ class EngineSwap:
     attribute -> stand-in module (those weights are never loaded); batch_limits: component ->
     largest batch its engine takes; limits: the sizes its profile covers; profile: the built
     min/max points per component (for /v1/models); call_kwargs: extra pipeline kwargs;
-    edit_unavailable: why edits cannot run and the command that adds the VAE encoder (None: they can)."""
+    edit_unavailable: why edits cannot run and the command that adds the VAE encoder (None: they can);
+    decoder_id: what names the VAE decoder engine (its ONNX sha256s), the preview map's cache key."""
 
     kind: str
     replacements: Mapping[str, Any]
@@ -64,6 +70,7 @@ class EngineSwap:
     profile: Mapping[str, Any] = field(default_factory=dict)
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     edit_unavailable: str | None = None
+    decoder_id: str | None = None
 
 
 class StageTimer:
@@ -118,6 +125,7 @@ class PipelineRuntime:
     dtype: str
     swap: EngineSwap | None = None  # the engines swapped in; None: plain torch
     compiled: CompileInfo | None = None  # torch-compile: what was compiled, the warm-up's cost
+    preview: LinearPreview | None = None  # partial images from this map; None: full VAE decodes
     _timer: list = field(default_factory=lambda: [None], init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # A private copy of the prompt tokenizer: HF tokenizers change their truncation and padding
@@ -188,6 +196,7 @@ class PipelineRuntime:
             out["engine_profile"] = dict(self.swap.profile)
         if self.compiled:
             out["compile"] = self.compiled.describe()
+        out["preview_decoder"] = "linear" if self.preview is not None else "full"
         return out
 
     def max_images(self, guidance_scale: float | None, cap: int | None = None) -> int | None:
@@ -285,7 +294,9 @@ class PipelineRuntime:
                          height: int, width: int) -> Callable[..., Any]:
         """The scheduler's own step, which also decodes the predicted clean latents at the
         preview steps. Every served family samples with flow matching, where the clean
-        prediction is x0 = x_t - sigma_t * v: exact, whatever CFG the pipeline combined v from."""
+        prediction is x0 = x_t - sigma_t * v: exact, whatever CFG the pipeline combined v from.
+        Decoded by the linear map where there is one (small previews), else by the VAE as the
+        final image is (full-size previews)."""
         scheduler = pipe.scheduler
         real = type(scheduler).step.__get__(scheduler)
 
@@ -296,7 +307,11 @@ class PipelineRuntime:
                 sigma = scheduler.sigmas[scheduler.step_index - 1].to(device=sample.device, dtype=torch.float32)
                 x0 = sample.float() - sigma * model_output.float()
                 rows = torch.tensor([w[0] for w in wanted], device=sample.device)
-                images = self.family.decode_latents(pipe, x0[rows].to(sample.dtype), height, width)
+                if self.preview is not None:
+                    grid = self.family.latent_layout.grid(pipe, x0[rows], height, width)
+                    images = self.preview.images(grid, width, height)
+                else:
+                    images = self.family.decode_latents(pipe, x0[rows].to(sample.dtype), height, width)
                 for (_, index, image, partial), im in zip(wanted, images):
                     on_preview(index, image, partial, im)
             return out
@@ -333,10 +348,13 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
     """Load a pipeline from a hub id or a local folder, with `swap`'s stand-ins passed to
     from_pretrained so the replaced weights are never read. source: where to load from when it
     is not `model` itself (a hub model's local snapshot of configs). torch_compile: compile the
-    transformer and VAE decoder and warm them up at options.warmup_size (runtime.compiled)."""
+    transformer and VAE decoder and warm them up at options.warmup_size (runtime.compiled).
+    options.preview_decoder "linear": the preview map is loaded or fitted here (runtime.preview)."""
     from diffusers import DiffusionPipeline
 
     options = options or LoadOptions()
+    if options.preview_decoder not in PREVIEW_DECODERS:
+        raise UsageError(f"unknown preview decoder {options.preview_decoder!r}; choose one of {', '.join(PREVIEW_DECODERS)}")
     family = family or detect_family(model)
     device = options.target_device
     dtype = check_dtype(options.dtype or default_dtype(device))
@@ -356,6 +374,19 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
     if options.vae_tiling:
         pipe.vae.enable_tiling()
     log.info("loaded in %.1fs", time.perf_counter() - t0)
+    # Fitted on the eager VAE and before the stage timers: its decodes are neither compiled nor timed.
+    preview = _linear_preview(pipe, family, swap) if options.preview_decoder == "linear" else None
     # Before PipelineRuntime hooks its stage timers on: those stay outside the compiled graphs.
     compiled = compile_pipeline(pipe, family, device, options.warmup_size) if torch_compile else None
-    return PipelineRuntime(model, family, pipe, device, dtype, swap=swap, compiled=compiled)
+    return PipelineRuntime(model, family, pipe, device, dtype, swap=swap, compiled=compiled, preview=preview)
+
+
+def _linear_preview(pipe: Any, family: Family, swap: EngineSwap | None) -> LinearPreview | None:
+    """The linear preview map, or None (full decodes, with a warning) where it cannot be fitted:
+    previews are never worth a model that does not load."""
+    limits = (swap.limits if swap else None) or SizeLimits.of(family)
+    try:
+        return load_or_fit(pipe, family, limits, swap.decoder_id if swap else None)
+    except Exception as e:
+        log.warning("preview decoder: no linear map (%s: %s); previews are full VAE decodes", type(e).__name__, e)
+        return None

@@ -1,6 +1,6 @@
 """FLUX.1 (black-forest-labs/FLUX.1-dev): FluxPipeline."""
 
-from ..autoencoder_kl import decode_packed, vae_decoder_spec, vae_encoder_spec
+from ..autoencoder_kl import PACKED, vae_decoder_spec, vae_encoder_spec
 from ..base import (
     FIELD_GUIDANCE,
     FIELD_NEGATIVE_PROMPT,
@@ -27,7 +27,7 @@ FAMILY = Family(
     cfg_batch_above=None,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16),
                 "vae_encoder": vae_encoder_spec(latent_channels=16)},
-    decode_latents=decode_packed,
+    latent_layout=PACKED,
     # T5 reads the prompt (512 tokens); CLIP's 77 are truncated by the pipeline, as always for FLUX.1.
     prompt=PromptRules("tokenizer_2", plain_count, lambda pipe: 512),
 )

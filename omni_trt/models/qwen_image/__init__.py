@@ -2,7 +2,7 @@
 
 from ..base import FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Defaults, Edits, Family, PromptRules, SizeRules
 from .transformer import transformer_spec
-from .vae import decode_latents, vae_decoder_spec, vae_encoder_spec
+from .vae import LAYOUT, vae_decoder_spec, vae_encoder_spec
 
 MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's max_sequence_length default
 
@@ -25,6 +25,6 @@ FAMILY = Family(
     # Specs carry the released model's static feature dims; transformer_spec(config) /
     # vae_decoder_spec(config) / vae_encoder_spec(config) give them for another config (the tiny test model).
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(), "vae_encoder": vae_encoder_spec()},
-    decode_latents=decode_latents,
+    latent_layout=LAYOUT,
     prompt=PromptRules("tokenizer", _count, lambda pipe: MAX_SEQUENCE_LENGTH),
 )

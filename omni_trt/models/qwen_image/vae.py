@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping
 
-from ..base import ComponentSpec, Engine, Point, ReferenceCase, TensorSpec
+from ..base import ComponentSpec, Engine, LatentLayout, Point, ReferenceCase, TensorSpec
 
 FACTOR = 8  # pixels per latent cell: len(temperal_downsample) == 3 down stages
 REAL_Z_DIM = 16
@@ -156,17 +156,24 @@ def _standin(config: Mapping[str, Any], engine: Engine, vae_encoder: Engine | No
     return QwenImageVaeStandIn()
 
 
-def decode_latents(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
-    """What QwenImagePipeline does after its loop: unpack to one frame, undo the per-channel
-    normalisation, decode, take frame 0, postprocess."""
+def _grid(pipe: Any, latents: Any, height: int, width: int) -> Any:
+    """QwenImagePipeline's packed tokens unpacked to one frame (B, C, 1, h, w), the frame axis dropped."""
+    return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)[:, :, 0]
+
+
+def _decode(pipe: Any, grid: Any) -> Any:
+    """What QwenImagePipeline does after its loop: undo the per-channel normalisation, decode the
+    one frame, take frame 0."""
     import torch
 
     cfg = pipe.vae.config
-    latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor).to(pipe.vae.dtype)
+    latents = grid.unsqueeze(2).to(pipe.vae.dtype)
     mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
     inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-    image = pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
-    return pipe.image_processor.postprocess(image, output_type="pil")
+    return pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0][:, :, 0]
+
+
+LAYOUT = LatentLayout(grid=_grid, decode=_decode, channels=lambda pipe: int(pipe.vae.config.z_dim))
 
 
 def vae_decoder_spec(config: Mapping[str, Any] | None = None) -> ComponentSpec:

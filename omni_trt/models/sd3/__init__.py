@@ -1,6 +1,6 @@
 """Stable Diffusion 3 / 3.5: StableDiffusion3Pipeline."""
 
-from ..autoencoder_kl import decode_scaled, vae_decoder_spec, vae_encoder_spec
+from ..autoencoder_kl import SCALED, vae_decoder_spec, vae_encoder_spec
 from ..base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, Defaults, Edits, Family, PromptRules, SizeRules, plain_count
 from .transformer import transformer_spec
 
@@ -17,7 +17,7 @@ FAMILY = Family(
     cfg_batch_above=1.0,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16),
                 "vae_encoder": vae_encoder_spec(latent_channels=16)},
-    decode_latents=decode_scaled,
+    latent_layout=SCALED,
     # T5 reads the prompt (the pipeline's max_sequence_length, 256); the CLIPs' 77 are truncated.
     prompt=PromptRules("tokenizer_3", plain_count, lambda pipe: 256),
 )

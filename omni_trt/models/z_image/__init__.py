@@ -1,6 +1,6 @@
 """Z-Image (Tongyi-MAI/Z-Image-Turbo): ZImagePipeline."""
 
-from ..autoencoder_kl import decode_scaled, vae_decoder_spec, vae_encoder_spec
+from ..autoencoder_kl import SCALED, vae_decoder_spec, vae_encoder_spec
 from ..base import (
     FIELD_GUIDANCE,
     FIELD_NEGATIVE_PROMPT,
@@ -44,7 +44,7 @@ FAMILY = Family(
     cfg_batch_above=0.0,
     components={"transformer": transformer_spec(), "vae_decoder": vae_decoder_spec(latent_channels=16),
                 "vae_encoder": vae_encoder_spec(latent_channels=16)},
-    decode_latents=decode_scaled,
+    latent_layout=SCALED,
     prompt=PromptRules("tokenizer", _count, _max_tokens),
     # Image tokens and captions are both padded to multiples of 32, so the derived points (text_len
     # 32, <= 32 image tokens) would make the two dims equal and torch.export would merge them.
