@@ -27,8 +27,10 @@ SIZE_RULES_SKIP = ("omni_trt.models",)
 # (importer, imported): the imports of the demo builders allowed outside demo/ itself, and why.
 # Each must stay inside a function: the module that holds it must load without omni_trt.demo.
 DEMO_ALLOWED = {
-    ("omni_trt.runtime.loader", "omni_trt.demo"): "the demo-model fallback: `omni serve` without a model serves the demo's "
-                                                  "tiny random-weight pipeline, built on first use",
+    ("omni_trt.runtime.loader", "omni_trt.demo"): "the demo-model fallback: `omni serve` without a model serves the embedded "
+                                                  "demo model (the trained pipeline shipped as package data)",
+    ("omni_trt.compiler.command", "omni_trt.demo"): "`omni build-engine` without a model (or with the demo's served name) "
+                                                    "builds the embedded demo model's engines",
 }
 # Where the command line may import the demo builders at module level or lazily: it is the top.
 DEMO_IMPORTERS = ("omni_trt.cli", "omni_trt.__main__")

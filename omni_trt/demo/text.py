@@ -25,8 +25,8 @@ QWEN3_CHAT_TEMPLATE = (
 )
 
 
-def train_bpe(vocab_size: int = 400, special: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A tiny byte-level BPE: (vocab, merges as tuples)."""
+def train_bpe(vocab_size: int = 400, special: list[str] | None = None, corpus: list[str] | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A tiny byte-level BPE: (vocab, merges as tuples), learnt from `corpus` (default: a few sentences)."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -40,17 +40,18 @@ def train_bpe(vocab_size: int = 400, special: list[str] | None = None) -> tuple[
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(_CORPUS + list(corpus or []), trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return dict(model["vocab"]), merges
 
 
-def qwen2_tokenizer(chat_template: str | None = None, model_max_length: int = 1024):
-    """A tiny Qwen2Tokenizer (used by Qwen-Image and, with a chat template, by Z-Image)."""
+def qwen2_tokenizer(chat_template: str | None = None, model_max_length: int = 1024, corpus: list[str] | None = None):
+    """A tiny Qwen2Tokenizer (used by Qwen-Image and, with a chat template, by Z-Image); corpus:
+    more text its merges learn from (the trained demo's captions become a few tokens each)."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = train_bpe(special=QWEN_SPECIAL)
+    vocab, merges = train_bpe(special=QWEN_SPECIAL, corpus=corpus)
     tok = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,

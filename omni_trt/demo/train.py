@@ -1,0 +1,354 @@
+"""Train the demo model: a tiny Z-Image pipeline (the real diffusers classes) that draws
+"a {fg} {shape} on a {bg} background" (omni_trt.demo.quality's grammar), from scratch on pictures
+drawn here, on a CPU in minutes.
+
+    python -m omni_trt.demo.train OUT [--seed 0] [--vae-steps N] [--decoder-steps N] [--dit-steps N] [--resume DIR]
+    python -m omni_trt.demo.train DIR --evaluate [--grid PNG]     # score a trained folder
+
+First the AutoencoderKL learns to reconstruct the drawn pictures (its own encode/decode; a small
+KL term), and its latent scale and shift are set from the latents' statistics as Z-Image's
+config carries them. Then the transformer learns flow matching on those latents: noise is added
+by FlowMatchEulerDiscreteScheduler.scale_noise at the scheduler's own (shifted) training sigmas,
+and the transformer is asked for what ZImagePipeline reads from it: at model time 1 - sigma it
+returns x0 - noise (the pipeline negates it into the scheduler's velocity noise - x0). The text
+encoder (the tiny Qwen3 of demo/z_image.py, random and frozen) only has to tell prompts apart;
+the transformer learns to read it. The output is a diffusers pipeline folder
+(DiffusionPipeline.from_pretrained loads it) plus DEFAULTS_FILE, the request defaults it draws
+well at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import quality
+from .autoencoder import autoencoder_kl_config
+from .text import QWEN3_CHAT_TEMPLATE, qwen2_tokenizer
+from .z_image import SCALING, SCHEDULER_CONFIG, SHIFT, TINY_TEXT_ENCODER_CONFIG, TINY_TRANSFORMER_CONFIG, text_encoder
+
+SIZE = 64  # the pictures both models learn, and the demo's default size (CPU training time)
+DEFAULT_STEPS = 8  # what the demo draws with by default (measured: see README)
+
+# Four stages (x8 like the real VAE), 16 latent channels as Z-Image's transformer and export specs
+# expect; the full-resolution stage stays 16 wide so large images decode as fast as the random demo's.
+VAE_CONFIG: dict[str, Any] = dict(autoencoder_kl_config(SCALING, SHIFT, tiny=True), block_out_channels=(16, 16, 32, 32))
+# Wider and deeper than the random tiny transformer (head_dim 32 = sum(axes_dims)), still tiny.
+TRANSFORMER_CONFIG: dict[str, Any] = dict(TINY_TRANSFORMER_CONFIG, dim=96, n_heads=3, n_kv_heads=3, n_layers=3, n_refiner_layers=1)
+
+
+# The tokenizer's merges also learn the grammar's words, so a caption is a few tokens (one pad-to-32 block).
+CORPUS = [quality.caption(p) for p in quality.all_pictures()]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One training run. The defaults are the committed demo's run."""
+
+    seed: int = 0
+    vae_steps: int = 600
+    decoder_steps: int = 0  # then the decoder alone (the latents the transformer learns stay as they are)
+    dit_steps: int = 3000
+    batch: int = 16
+    latent_images: int = 4000  # drawn pictures encoded once for the transformer's training
+    vae_lr: float = 2e-3
+    dit_lr: float = 1e-3
+
+
+def draw(p: quality.Picture, size: int, rng: np.random.Generator) -> np.ndarray:
+    """An HxWx3 uint8 picture of `p`: one filled shape, side 20-60% of the picture's, anywhere inside."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), quality.PALETTE[p.bg])
+    side = int(rng.uniform(0.2, 0.6) * size)
+    x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
+    box = (x0, y0, x0 + side - 1, y0 + side - 1)
+    d = ImageDraw.Draw(img)
+    colour = quality.PALETTE[p.fg]
+    if p.shape == "circle":
+        d.ellipse(box, fill=colour)
+    elif p.shape == "square":
+        d.rectangle(box, fill=colour)
+    else:  # upright isosceles: apex at the top middle
+        d.polygon([(x0 + (side - 1) / 2, y0), (x0, y0 + side - 1), (x0 + side - 1, y0 + side - 1)], fill=colour)
+    return np.asarray(img)
+
+
+def random_batch(n: int, size: int, rng: np.random.Generator) -> tuple[list[quality.Picture], np.ndarray]:
+    """n random pictures of the grammar and their drawings (n x size x size x 3 uint8)."""
+    every = quality.all_pictures()
+    pics = [every[int(i)] for i in rng.integers(0, len(every), n)]
+    return pics, np.stack([draw(p, size, rng) for p in pics])
+
+
+def to_tensor(images: np.ndarray) -> Any:
+    """uint8 NHWC -> float NCHW in [-1, 1], what AutoencoderKL reads."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def untrained(seed: int) -> Any:
+    """The ZImagePipeline before training: diffusers' default init (pad tokens, left empty by the
+    class, get small normals)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(**TRANSFORMER_CONFIG)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "pad_token" in name:
+                p.normal_(0.0, 0.02)
+    text = text_encoder(512, TINY_TEXT_ENCODER_CONFIG)
+    from .weights import init_small
+
+    init_small(text)
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=AutoencoderKL(**VAE_CONFIG),
+                          text_encoder=text.eval(), tokenizer=qwen2_tokenizer(chat_template=QWEN3_CHAT_TEMPLATE, corpus=CORPUS),
+                          transformer=transformer)
+
+
+def _bar(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+
+def _schedule(opt: Any, total: int) -> Any:
+    """Linear warm-up over 5% of the steps, then cosine decay to a tenth."""
+    import math
+
+    import torch
+
+    warm = max(1, total // 20)
+
+    def factor(i: int) -> float:
+        if i < warm:
+            return (i + 1) / warm
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def train_vae(vae: Any, s: Settings, rng: np.random.Generator, decoder_only: bool = False) -> list[float]:
+    """Reconstruction (MSE in [-1, 1]) plus a small KL term, through AutoencoderKL's own
+    encode/decode. decoder_only: the encoder stays frozen (sharper decodes of the same latents)."""
+    import torch
+
+    steps = s.decoder_steps if decoder_only else s.vae_steps
+    params = [p for n, p in vae.named_parameters() if not decoder_only or n.startswith("decoder.")]
+    opt = torch.optim.AdamW(params, lr=s.vae_lr, weight_decay=0.0)
+    sched = _schedule(opt, steps)
+    vae.train()
+    losses: list[float] = []
+    with _bar(steps, "decoder" if decoder_only else "vae") as bar:
+        for _ in range(steps):
+            x = to_tensor(random_batch(s.batch, SIZE, rng)[1])
+            posterior = vae.encode(x).latent_dist
+            # The mean is decoded, as the transformer will produce it (sampling would bury the early,
+            # small means under unit noise); the small KL term keeps the means near the unit scale.
+            recon = vae.decode(posterior.mode()).sample
+            loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+            _step(loss, opt, sched, losses, bar, window=20)
+    vae.eval()
+    return losses
+
+
+def _step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any, window: int, clip: Any = None) -> None:
+    """One optimizer step on `loss` (gradients clipped to norm 1 over `clip` when given), with the
+    running mean of the last `window` losses on the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(clip, 1.0)
+    opt.step()
+    schedule.step()
+    losses.append(loss.item())
+    bar.update()
+    bar.set_postfix(loss=f"{np.mean(losses[-window:]):.4f}")
+
+
+def encode_dataset(pipe: Any, s: Settings, rng: np.random.Generator, rescale: bool = True) -> tuple[list[quality.Picture], Any]:
+    """(pictures, latent means) of `latent_images` drawn pictures at SIZE; rescale: set the VAE's
+    scaling and shift factors so the scaled latents have unit variance and zero mean."""
+    import torch
+
+    pics, means = [], []
+    with torch.no_grad():
+        for start in range(0, s.latent_images, 64):
+            p, images = random_batch(min(64, s.latent_images - start), SIZE, rng)
+            dist = pipe.vae.encode(to_tensor(images)).latent_dist
+            pics += p
+            means.append(dist.mean)
+    mean = torch.cat(means)
+    if not rescale:
+        return pics, mean
+    shift = float(mean.mean())
+    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=float(1.0 / (mean - shift).std()))
+    return pics, mean
+
+
+def caption_features(pipe: Any) -> dict[quality.Picture, Any]:
+    """The frozen text encoder's features of every caption, as ZImagePipeline encodes them."""
+    import torch
+
+    every = quality.all_pictures()
+    with torch.no_grad():
+        feats = pipe._encode_prompt([quality.caption(p) for p in every], device=torch.device("cpu"))
+    return dict(zip(every, feats))
+
+
+def train_transformer(pipe: Any, data: tuple[list[quality.Picture], Any], s: Settings, rng: np.random.Generator) -> list[float]:
+    """Flow matching on the VAE's scaled latents with the scheduler's training sigmas."""
+    import torch
+
+    pics, latents = data
+    caps = caption_features(pipe)
+    cfg = pipe.vae.config
+    sched = pipe.scheduler
+    model = pipe.transformer
+    opt = torch.optim.AdamW(model.parameters(), lr=s.dit_lr, weight_decay=0.01)
+    lr = _schedule(opt, s.dit_steps)
+    gen = torch.Generator().manual_seed(s.seed)
+    model.train()
+    losses = []
+    with _bar(s.dit_steps, "transformer") as bar:
+        for _ in range(s.dit_steps):
+            idx = torch.from_numpy(rng.integers(0, len(pics), s.batch))
+            x0 = (latents[idx] - cfg.shift_factor) * cfg.scaling_factor
+            noise = torch.randn(x0.shape, generator=gen)
+            timesteps = sched.timesteps[torch.randint(0, len(sched.timesteps), (s.batch,), generator=gen)]
+            xt = sched.scale_noise(x0, timesteps, noise)
+            out = model(list(xt.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, [caps[pics[int(i)]] for i in idx],
+                        return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(torch.stack(out).squeeze(2), x0 - noise)
+            _step(loss, opt, lr, losses, bar, window=50, clip=model.parameters())
+    model.eval()
+    return losses
+
+
+def generate(pipe: Any, prompts: list[tuple[str, int]], size: int = SIZE, steps: int = DEFAULT_STEPS, batch: int = 10) -> list[np.ndarray]:
+    """Images (HxWx3 uint8) of (prompt, seed) pairs, through ZImagePipeline's own call."""
+    import torch
+
+    images: list[np.ndarray] = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch):
+            chunk = prompts[start:start + batch]
+            gens = [torch.Generator().manual_seed(seed) for _, seed in chunk]
+            out = pipe([p for p, _ in chunk], height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
+                       generator=gens, output_type="np").images
+            images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
+    return images
+
+
+def measure(pipe: Any, count: int = 30, size: int = SIZE, steps: int = DEFAULT_STEPS) -> quality.Score:
+    """The checker's accuracy over `count` fixed prompts and seeds (quality.benchmark_prompts)."""
+    prompts = quality.benchmark_prompts(count)
+    images = generate(pipe, prompts, size, steps)
+    return quality.score([quality.parse_caption(p) for p, _ in prompts], [quality.read_picture(im) for im in images])
+
+
+def save_grid(images: list[np.ndarray], path: Path, columns: int = 10) -> None:
+    """The pictures side by side in rows of `columns` (a PNG)."""
+    from PIL import Image
+
+    h, w = images[0].shape[:2]
+    rows = -(-len(images) // columns)
+    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 128, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * (h + 2) + 1:r * (h + 2) + 1 + h, c * (w + 2) + 1:c * (w + 2) + 1 + w] = im
+    Image.fromarray(grid).save(path)
+
+
+def evaluate(model: Path, grid: Path | None = None, steps: int = DEFAULT_STEPS, size: int = SIZE) -> quality.Score:
+    """Load a trained folder with DiffusionPipeline.from_pretrained, score it over the fixed
+    prompts and seeds; grid: also write their pictures there."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    prompts = quality.benchmark_prompts()
+    images = generate(pipe, prompts, size, steps)
+    if grid is not None:
+        save_grid(images, grid)
+    return quality.score([quality.parse_caption(p) for p, _ in prompts], [quality.read_picture(im) for im in images])
+
+
+def write_defaults(out: Path, steps: int = DEFAULT_STEPS) -> None:
+    """The request defaults the pipeline folder carries: the size it learnt, the steps it draws well with."""
+    from ..runtime.loader import DEFAULTS_FILE  # the loader reads it
+
+    (out / DEFAULTS_FILE).write_text(json.dumps({"steps": steps, "width": SIZE, "height": SIZE, "guidance_scale": 0.0}, indent=2) + "\n")
+
+
+def train(out: Path, s: Settings = Settings(), log: Callable[[str], None] = print, resume: Path | None = None) -> dict[str, Any]:
+    """Train and write the pipeline folder; returns what was measured (losses, times, score).
+    resume: go on from that trained folder's weights instead of from scratch."""
+    import torch
+
+    rng = np.random.default_rng(s.seed)
+    t0 = time.monotonic()
+    if resume is None:
+        pipe = untrained(s.seed)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(resume)
+    vae_losses = train_vae(pipe.vae, s, rng) or [float("nan")]
+    data = encode_dataset(pipe, s, rng, rescale=resume is None or s.vae_steps > 0)
+    vae_losses += train_vae(pipe.vae, s, rng, decoder_only=True)
+    t1 = time.monotonic()
+    dit_losses = train_transformer(pipe, data, s, rng) or [float("nan")]
+    t2 = time.monotonic()
+    out = Path(out)
+    pipe.save_pretrained(out)
+    write_defaults(out)
+    with torch.no_grad():
+        score = measure(pipe)
+    report = {
+        "settings": s.__dict__, "threads": torch.get_num_threads(), "vae_seconds": round(t1 - t0, 1),
+        "transformer_seconds": round(t2 - t1, 1), "vae_loss": [vae_losses[0], float(np.mean(vae_losses[-50:]))],
+        "transformer_loss": [dit_losses[0], float(np.mean(dit_losses[-100:]))], "score": score.__dict__,
+    }
+    log(json.dumps(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m omni_trt.demo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="output folder (a diffusers pipeline folder)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--vae-steps", type=int, default=d.vae_steps, help=f"VAE optimizer steps (default: {d.vae_steps})")
+    p.add_argument("--decoder-steps", type=int, default=d.decoder_steps, help=f"then VAE decoder-only steps (default: {d.decoder_steps})")
+    p.add_argument("--resume", type=Path, default=None, help="start from this trained pipeline folder instead of from scratch")
+    p.add_argument("--dit-steps", type=int, default=d.dit_steps, help=f"transformer optimizer steps (default: {d.dit_steps})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"pictures per step (default: {d.batch})")
+    p.add_argument("--latent-images", type=int, default=d.latent_images, help=f"pictures encoded for the transformer (default: {d.latent_images})")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1: small kernels gain little from more on a shared machine)")
+    p.add_argument("--evaluate", action="store_true", help="train nothing: score the pipeline in OUT over the fixed prompts and seeds")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"--evaluate: inference steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--size", type=int, default=SIZE, help=f"--evaluate: image side (default: {SIZE})")
+    p.add_argument("--grid", type=Path, default=None, help="--evaluate: also write the pictures as one PNG here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.evaluate:
+        print(json.dumps(evaluate(Path(args.out), args.grid, args.steps, args.size).__dict__))
+        return 0
+    train(Path(args.out), Settings(args.seed, args.vae_steps, args.decoder_steps, args.dit_steps, args.batch, args.latent_images),
+          resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
