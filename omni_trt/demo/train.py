@@ -164,6 +164,8 @@ def train_vae(vae: Any, s: Settings, rng: np.random.Generator, decoder_only: boo
 def _step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any, window: int, clip: Any = None) -> None:
     """One optimizer step on `loss` (gradients clipped to norm 1 over `clip` when given), with the
     running mean of the last `window` losses on the progress bar."""
+    import torch
+
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if clip is not None:
