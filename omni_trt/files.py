@@ -1,4 +1,4 @@
-"""File helpers shared by the engine dir, the compiler and the demo builders."""
+"""File helpers shared by the engine dir, the compiler, the runtime and the demo builders."""
 
 from __future__ import annotations
 
@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 _CHUNK = 1 << 20
+
+
+def cache_root() -> Path:
+    """Where omni-trt keeps what it builds or fits for reuse (the demo's tiny pipelines, preview
+    maps): $OMNI_TRT_CACHE, else ~/.cache/omni-trt."""
+    return Path(os.environ.get("OMNI_TRT_CACHE", Path.home() / ".cache" / "omni-trt"))
 
 
 def sha256_file(path: Path | str) -> str:

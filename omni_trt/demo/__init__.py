@@ -10,11 +10,10 @@ downloaded. Production code never needs this package; it uses `models/`, never t
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Callable
 
-from ..files import build_dir
+from ..files import build_dir, cache_root
 from .. import models
 
 DEMO_FAMILY = models.Z_IMAGE.name
@@ -32,10 +31,6 @@ def builders(family: str) -> tuple[Callable[[Path], None], Callable[..., None]]:
     models.family_by_name(family)
     module = importlib.import_module(f"{__name__}.{_MODULES[family]}")
     return module.build_tiny, module.build_real_shapes
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OMNI_TRT_CACHE", Path.home() / ".cache" / "omni-trt"))
 
 
 def build_demo_model(out_dir: Path, family: str = DEMO_FAMILY, real_shapes: bool = False, dtype: str = "bf16") -> Path:
@@ -60,7 +55,6 @@ def ensure_demo_model(family: str | None = None) -> Path:
     if not (path / "model_index.json").is_file():
         build_demo_model(path, family)
     return path
-
 
 
 def copy_trained_demo(out_dir: Path) -> Path:

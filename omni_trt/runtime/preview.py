@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_write
+from ..files import atomic_write, cache_root
 from ..models import Family, SizeLimits
 
 log = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ def fit_linear(decode: Callable[[torch.Tensor], torch.Tensor], channels: int, gr
 
 def cache_dir() -> Path:
     """Where fitted maps are kept: $OMNI_TRT_CACHE/previews (the demo model's cache root)."""
-    return Path(os.environ.get("OMNI_TRT_CACHE", Path.home() / ".cache" / "omni-trt")) / "previews"
+    return cache_root() / "previews"
 
 
 def decoder_key(pipe: Any, family: Family, decoder_id: str | None = None) -> str | None:

@@ -354,6 +354,11 @@ class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
+    @classmethod
+    def one(cls, name: str, created: int, ready: bool, **fields: Any) -> ModelList:
+        """The served model's card: every field set explicitly, since /v1/models leaves out unset ones."""
+        return cls(object="list", data=[ModelCard(id=name, object="model", created=created, owned_by="omni-trt", ready=ready, **fields)])
+
 
 class HealthResponse(RuntimeInfo):
     status: Literal["ok"] = "ok"

@@ -34,7 +34,6 @@ from .protocol import (
     ImageEditForm,
     ImageGenerationBody,
     ImagesResponse,
-    ModelCard,
     ModelDefaults,
     ModelList,
     RuntimeInfo,
@@ -154,9 +153,7 @@ class ImageServing:
                 "max_prompt_tokens": self.caps.max_prompt_tokens,
                 "max_megapixel_steps": self.caps.max_megapixel_steps,
             }
-        card = ModelCard(id=self.options.served_model_name, object="model", created=self.created, owned_by="omni-trt", ready=rt is not None,
-                         **fields)
-        return ModelList(object="list", data=[card])  # fields set explicitly: /v1/models excludes unset ones
+        return ModelList.one(self.options.served_model_name, self.created, rt is not None, **fields)
 
     # ---- the endpoints ----
 
@@ -182,7 +179,7 @@ class ImageServing:
 
     async def create_chat(self, caller: Caller, body: ChatBody) -> Answer:
         a, shape = await self._admit_chat(caller, body, stream=False)
-        images = await self._encode(await self.admission.wait(a, caller), a.request.output_format, a.request.output_compression)
+        images = await self._finished(a, caller)
         return chat_response(shape, images), self._headers(a)
 
     async def stream_chat(self, caller: Caller, body: ChatBody) -> Stream:
@@ -248,8 +245,12 @@ class ImageServing:
             counted = counted or tokens
         return counted
 
+    async def _finished(self, a: Admitted, caller: Caller) -> list[str]:
+        """The request's images once made, encoded (base64) in order."""
+        return await self._encode(await self.admission.wait(a, caller), a.request.output_format, a.request.output_compression)
+
     async def _images_response(self, a: Admitted, caller: Caller) -> Answer:
-        images = await self._encode(await self.admission.wait(a, caller), a.request.output_format, a.request.output_compression)
+        images = await self._finished(a, caller)
         response = ImagesResponse(created=int(time.time()), data=[ImageData(b64_json=b) for b in images], usage=a.usage(), **a.describe())
         return response, self._headers(a)
 

@@ -14,7 +14,7 @@ from ...errors import Cancelled, OmniError
 from ..admission import CLIENT_LEFT, internal_error
 from ..contract import DRAINING, REQUEST_CALLS, STREAM_CALLS, Answer, Caller, ServerOptions, Stream, never
 from ..metrics import Metrics, merge_replica_metrics, own_metrics
-from ..protocol import HealthResponse, ModelCard, ModelList
+from ..protocol import HealthResponse, ModelList
 from ..streaming import event_stream
 from .replica import HUB, Refused, answered
 
@@ -70,6 +70,7 @@ class RemoteServing:
         self._connect = connect  # no handle yet: load() gets it (starts the cluster, deploys the replicas)
         self.behind_proxy = behind_proxy
         self.metrics = Metrics()  # the HTTP counters; the replicas keep the rest
+        self.created = int(time.time())
         self.draining: str | None = None
         self.load_error: str | None = None
         self.ongoing = 0
@@ -123,7 +124,7 @@ class RemoteServing:
 
     async def models(self) -> ModelList:
         if not self._ready:  # as a loading single process answers: the card, not ready
-            return ModelList(data=[ModelCard(id=self.options.served_model_name, created=int(time.time()), ready=False)])
+            return ModelList.one(self.options.served_model_name, self.created, ready=False)
         return await self._ask(self.handle.models.remote())
 
     async def render_metrics(self) -> bytes:
