@@ -186,10 +186,24 @@ def test_each_field_has_one_rule_on_every_route(http):
         assert assert_error(http.post(CHAT, json={**chat, "size": size}), 400, "expected 'WxH'")["error"]["param"] == "size"
         edit = http.post(EDIT, data={"prompt": "x", "size": size}, files=[("image", ("a.png", image_bytes("PNG")))])
         assert assert_error(edit, 400, "expected 'WxH'")["error"]["param"] == "size"
-    # An empty prompt: 422 naming `prompt` on both image routes (a form's empty field arrives as missing).
-    assert assert_error(http.post(GEN, json={"prompt": ""}), 422)["error"]["param"] == "prompt"
-    edit = http.post(EDIT, data={"prompt": ""}, files=[("image", ("a.png", image_bytes("PNG")))])
-    assert assert_error(edit, 422)["error"]["param"] == "prompt"
+    # An empty or blank prompt: one 422 naming `prompt` with the same words on both image routes (a
+    # form's empty field arrives as missing); chat's prompt is its messages' text.
+    png = [("image", ("a.png", image_bytes("PNG")))]
+    for prompt in ("", "  \n\t"):
+        answers = [http.post(GEN, json={"prompt": prompt}), http.post(EDIT, data={"prompt": prompt}, files=png)]
+        messages = {assert_error(r, 422, "must not be empty")["error"]["message"] for r in answers}
+        assert len(messages) == 1 and all(r.json()["error"]["param"] == "prompt" for r in answers)
+        blank_chat = http.post(CHAT, json={"messages": [{"role": "user", "content": prompt or " "}]})
+        assert assert_error(blank_chat, 422)["error"]["param"] == "messages"
+    # A form field that is not UTF-8 is refused as a JSON body's would be, never read as Latin-1.
+    for field in ("prompt", "user"):
+        fields = {"prompt": "a red circle", "user": "u"}
+        body = b"".join(b"--B\r\nContent-Disposition: form-data; name=\"%s\"\r\n\r\n%s\r\n" % (k.encode(), b"a \xff\xfe" if k == field else v.encode())
+                        for k, v in fields.items())
+        body += b"--B\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n"
+        body += image_bytes("PNG") + b"\r\n--B--\r\n"
+        r = http.post(EDIT, content=body, headers={"content-type": "multipart/form-data; boundary=B"})
+        assert assert_error(r, 422, "not valid UTF-8")["error"]["param"] == field
     # A header far past Pillow's own bomb limit gets the megapixel message, as a smaller large one does.
     huge = http.post(EDIT, data={"prompt": "x"}, files=[("image", ("a.png", png_header(20_000, 20_000)))])
     assert assert_error(huge, 400, "megapixels")["error"]["param"] == "image"

@@ -21,6 +21,7 @@ MAX_SCALE = 20.0
 SEED_LIMIT = 2**63
 CHARS_PER_TOKEN = 32  # a prompt longer than this per allowed token cannot fit: refused untokenized
 MAX_PARTIAL_IMAGES = 3  # OpenAI's range for partial_images
+EMPTY_PROMPT = "prompt must not be empty or only whitespace"  # one refusal (422) on every route
 QUALITIES = ("low", "medium", "high", "auto")
 BACKGROUNDS = ("auto", "opaque", "transparent")
 # gpt-image's quality as a share of the family's default steps (its recommended count is "high").
@@ -247,7 +248,7 @@ def _resolve(family: Family, ask: ImageAsk, limits: SizeLimits, caps: RequestCap
     max_chars = caps.max_prompt_tokens * CHARS_PER_TOKEN if caps.max_prompt_tokens else None
     prompt = check_text("prompt", ask.prompt, max_chars)
     if not prompt.strip():
-        raise RequestError("prompt must not be empty", "prompt")
+        raise RequestError(EMPTY_PROMPT, "prompt", status=422)
     quality = check_choice("quality", ask.quality, QUALITIES)
     background = check_choice("background", ask.background, BACKGROUNDS)
     if background == "transparent":

@@ -45,7 +45,8 @@ def _validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         field = ".".join(loc)
         names = [x for x in loc if not x.isdigit()]  # list indices and JSON offsets are no param
         param = param or (names[-1] if names else None)
-        parts.append(f"{field}: {e.get('msg')}" if field else str(e.get("msg")))
+        msg = str(e.get("msg")).removeprefix("Value error, ")  # pydantic's prefix on our own validators' words
+        parts.append(f"{field}: {msg}" if field else msg)
     return "; ".join(parts) or "invalid request", param
 
 

@@ -37,7 +37,7 @@ def chat_request(body: ChatBody) -> tuple[str, ChatImageParams, list[str]]:
     the URLs of the user's images (a chat with an image is an edit of it)."""
     prompt = body.prompt()
     if not prompt:
-        raise RequestError("no user text in messages: send a message with role 'user' and text content", "messages")
+        raise RequestError("no user text in messages: send a message with role 'user' and text content", "messages", status=422)  # as an empty prompt is
     try:
         params = ChatImageParams.model_validate(body.params())
     except ValidationError as e:

@@ -127,3 +127,31 @@ def fetch_image(url: str, max_bytes: int, timeout: float, param: str) -> bytes:
     if len(data) > max_bytes:
         raise RequestError(f"{param}: the image is over this server's size limit", param)
     return data
+
+
+def undecodable_field(body: bytes, content_type: str) -> str | None:
+    """The first text field of a multipart body whose bytes are not UTF-8, else None. Starlette
+    decodes such a field as Latin-1 and the damage cannot be seen afterwards, so the raw parts
+    are read here (files are skipped: their bytes are never text)."""
+    from python_multipart import FormParser
+    from python_multipart.multipart import parse_options_header
+
+    kind, params = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or b"boundary" not in params:
+        return None
+    bad: list[str] = []
+
+    def on_field(field: Any) -> None:
+        try:
+            (field.value or b"").decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(field.field_name.decode("utf-8", "replace"))
+
+    parser = FormParser("multipart/form-data", on_field, lambda f: f.close(), boundary=params[b"boundary"],
+                        config={"MAX_MEMORY_FILE_SIZE": 1 << 62})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except Exception:  # a malformed body is Starlette's to refuse, with its own message
+        return None
+    return bad[0] if bad else None

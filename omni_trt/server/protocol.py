@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from ..errors import RequestError
-from ..runtime.request import MAX_IMAGES, MAX_PARTIAL_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT, ImageAsk
+from ..runtime.request import MAX_IMAGES, MAX_PARTIAL_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT, EMPTY_PROMPT, ImageAsk
 
 # ---- requests ----
 
@@ -49,13 +49,14 @@ class ImageParams(BaseModel):
     seed: int | None = Field(None, ge=0, le=SEED_LIMIT - 1, description="Random seed; image i of the request uses seed + i. Default: random.")
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the returned images.")
     output_compression: int | None = Field(None, ge=0, le=100, description="0..100: PNG zlib effort, or 100 - quality for JPEG/WebP.")
+    lora: Any = Field(None, description="LoRA adapters: {name, scale (-4..4, default 1), path} or a list of them, or an adapter's name (README: LoRA).")
 
     def _params(self) -> dict[str, Any]:
         """These fields as ImageAsk's keywords."""
         return dict(steps=self.num_inference_steps, guidance_scale=self.guidance_scale, true_cfg_scale=self.true_cfg_scale,
                     negative_prompt=self.negative_prompt, seed=self.seed, output_format=self.output_format,
                     output_compression=self.output_compression, quality=DALL_E_QUALITY.get(self.quality, self.quality),
-                    background=self.background)
+                    background=self.background, lora=self.lora)
 
 
 class ImageRequestBody(ImageParams):
@@ -80,8 +81,8 @@ class ImageRequestBody(ImageParams):
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, prompt: str) -> str:
-        if not prompt:
-            raise ValueError("prompt must not be empty")
+        if not prompt.strip():
+            raise ValueError(EMPTY_PROMPT)
         return prompt
 
     def ask(self) -> ImageAsk:
@@ -101,12 +102,15 @@ class ImageEditForm(ImageRequestBody):
     `strength`); the files (image, image[], mask) are separate form parts. Form values are text,
     so numbers are parsed from it, but NaN and infinities are still refused."""
 
-    model_config = ConfigDict(extra="ignore", strict=False, allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", strict=False, allow_inf_nan=False,
+                              json_schema_extra=lambda schema: schema.setdefault("required", []).append("prompt"))
 
     strength: float | None = Field(None, ge=0, le=1, description=(
         "How much of the input is re-imagined: 0 keeps it, 1 ignores it (default: the family's, 0.6 for "
         "image-to-image; runs that share of the steps)."))
     input_fidelity: Literal["high", "low"] | None = Field(None, description="gpt-image-1's; accepted, not applied.")
+    # A form's empty field arrives as missing: both get the empty prompt's refusal (still required in the schema).
+    prompt: str = Field("", validate_default=True, json_schema_extra={"minLength": 1}, description="What to make of the image.")
 
 
 class ChatImageParams(ImageParams):

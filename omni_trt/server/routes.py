@@ -7,8 +7,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
+from fastapi.routing import APIRoute
 
+from ..errors import RequestError
 from . import playground
+from .inputs import undecodable_field
 from .protocol import (
     ChatBody,
     ChatCompletionResponse,
@@ -61,8 +64,26 @@ def sse_response(events: Any, headers: dict[str, str]) -> StreamingResponse:
     """Server-sent events, unbuffered by proxies (nginx honours X-Accel-Buffering)."""
     return StreamingResponse(events, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-router = APIRouter()
-v1 = APIRouter(prefix="/v1")
+class TextFormRoute(APIRoute):
+    """A route whose multipart text fields must be UTF-8, as JSON bodies must: Starlette would read
+    other bytes as Latin-1 and run the request on a prompt nobody sent."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            content_type = request.headers.get("content-type", "")
+            if content_type.startswith("multipart/"):
+                field = undecodable_field(await request.body(), content_type)  # cached: the form is parsed from it
+                if field:
+                    raise RequestError(f"{field} is not valid UTF-8 text; send form fields as UTF-8", field, status=422)
+            return await handler(request)
+
+        return checked
+
+
+router = APIRouter(route_class=TextFormRoute)
+v1 = APIRouter(prefix="/v1", route_class=TextFormRoute)
 
 
 # The page is not part of the API: kept out of /openapi.json (and so out of schema clients and fuzzing).
