@@ -36,6 +36,7 @@ from test_server import (  # noqa: E402,F401 - the contract, collected again her
     test_request_ids_are_unique_under_concurrency,
     test_same_seed_same_image_and_other_formats,
 )
+from test_clients import test_chat_n_is_the_number_of_choices, test_the_sdk_streams_a_chat_as_chunks  # noqa: E402,F401 - chat's n and stream over the replicas
 
 REPLICA = "x-omni-replica"
 
