@@ -1,10 +1,15 @@
 """Previews that cost almost nothing: partial images from a linear map of the latent channels to
 RGB (plus a bias) instead of a full VAE decode, as image tools that stream previews do.
 
-The map is fitted once per VAE, at load: a few random latents go through the real decoder (the
-family's `LatentLayout.decode`, so a VAE engine stand-in works as well as the torch VAE), its
-pixels are averaged over each latent pixel's 8x8 footprint, and least squares gives the 3 x C
-weights and the bias. It is cached as a small JSON file under `$OMNI_TRT_CACHE/previews/` (default
+The map is fitted once per VAE, at load: latents go through the real decoder (the family's
+`LatentLayout.decode`, so a VAE engine stand-in works as well as the torch VAE), its pixels are
+averaged over each latent pixel's 8x8 footprint, and least squares gives the 3 x C weights and the
+bias. The latents are the model's own: a few small, short generations of plain colour prompts
+(a trained VAE's latents live on a small part of latent space, and a map fitted on random latents
+gets the colours of real ones wrong), plus random latents so that the rest of the space is not
+left to chance. The map reads each grid divided by its RMS (`unit_rms`): VAE decoders start
+with a convolution and a GroupNorm, so a grid's overall scale barely changes its colours, and the
+predicted clean latents of early steps are the final ones shrunk; read raw, they come out grey. It is cached as a small JSON file under `$OMNI_TRT_CACHE/previews/` (default
 ~/.cache/omni-trt/previews/), named by a key of the decoder: for a torch VAE its class, config and
 a strided sample of every parameter tensor (so two checkpoints of one config differ); for an engine
 stand-in the sha256 of the decoder's ONNX files in the engine dir's manifest.
@@ -34,10 +39,17 @@ log = logging.getLogger(__name__)
 
 DECODERS = ("linear", "full")  # --preview-decoder: the fitted map, or the VAE decoder (full-size previews)
 PREVIEW_MAX_SIDE = 512  # linear previews' long side at most (never larger than the image)
-FIT_VERSION = 1  # bump when the fit changes: cached maps of older fits are then refitted
-FIT_SIDE = 128  # pixels per side of each fit latent's image (the engine profile's nearest size)
+FIT_VERSION = 2  # bump when the fit changes: cached maps of older fits are then refitted
+FIT_MAX_SIDE = 128  # the fit's images: the model's default size, scaled down to this long side (the profile's nearest)
 FIT_LATENTS = 4  # latents fitted on: half white noise, half smooth (image latents are spatially correlated)
 HELD_BACK = 2  # latents kept out of the fit, to measure it
+# Generated at load: everyday prompts whose colours span the palette, at most FIT_STEPS steps (a
+# clean-enough latent).
+FIT_PROMPTS = ("a red circle on a blue background", "a yellow square on a black background",
+               "a green triangle on a white background", "a white circle on a red background",
+               "a blue square on a yellow background", "a black triangle on a green background")
+FIT_STEPS = 8
+FIT_BATCH = 2  # prompts a call (engines built for one image get them one by one)
 MARGIN = 2  # latent pixels left out at each border: the decoder's padding tints them
 
 
@@ -57,6 +69,7 @@ class LinearPreview:
     weight: torch.Tensor
     bias: torch.Tensor
     fit: dict[str, Any] = field(default_factory=dict)
+    unit_rms: bool = True  # the grid is divided by its RMS first (fitted so)
 
     @property
     def channels(self) -> int:
@@ -65,7 +78,8 @@ class LinearPreview:
     def pixels(self, grid: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latent grid -> (B, 3, h, w) pixels, about [-1, 1], unclamped."""
         w = self.weight.to(grid.device)
-        return torch.einsum("oc,bchw->bohw", w, grid.float()) + self.bias.to(grid.device).view(1, 3, 1, 1)
+        grid = as_unit_rms(grid) if self.unit_rms else grid.float()
+        return torch.einsum("oc,bchw->bohw", w, grid) + self.bias.to(grid.device).view(1, 3, 1, 1)
 
     def images(self, grid: torch.Tensor, width: int, height: int) -> list[Any]:
         """PIL previews of a width x height image from its latent grid, at preview_size."""
@@ -77,7 +91,8 @@ class LinearPreview:
         return [Image.fromarray(a).resize(size, Image.Resampling.BILINEAR) for a in x]
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": FIT_VERSION, "weight": self.weight.tolist(), "bias": self.bias.tolist(), "fit": self.fit}
+        return {"version": FIT_VERSION, "weight": self.weight.tolist(), "bias": self.bias.tolist(), "fit": self.fit,
+                "unit_rms": self.unit_rms}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], channels: int) -> LinearPreview:
@@ -86,7 +101,7 @@ class LinearPreview:
         bias = torch.tensor(data["bias"], dtype=torch.float32)
         if data.get("version") != FIT_VERSION or weight.shape != (3, channels) or bias.shape != (3,):
             raise ValueError(f"a map of version {data.get('version')} and shape {tuple(weight.shape)}, not ({3}, {channels})")
-        return cls(weight, bias, dict(data.get("fit", {})))
+        return cls(weight, bias, dict(data.get("fit", {})), bool(data.get("unit_rms", True)))
 
 
 def sample_latents(channels: int, height: int, width: int, smooth: bool, generator: torch.Generator) -> torch.Tensor:
@@ -99,11 +114,19 @@ def sample_latents(channels: int, height: int, width: int, smooth: bool, generat
     return x / x.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
 
 
-def pooled_pairs(decode: Callable[[torch.Tensor], torch.Tensor], grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def as_unit_rms(grid: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) grids, each divided by its root mean square (float32)."""
+    grid = grid.float()
+    return grid / grid.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-6)
+
+
+def pooled_pairs(decode: Callable[[torch.Tensor], torch.Tensor], grid: torch.Tensor, unit_rms: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(latent pixels (N, C), the decoder's pixels averaged over each one's footprint (N, 3)),
-    float64, the border MARGIN left out where the grid is large enough."""
+    float64, the border MARGIN left out where the grid is large enough; unit_rms: the latent
+    pixels of the grid divided by its RMS, as a unit_rms map reads them."""
     with torch.inference_mode():
         pixels = decode(grid).float().cpu()
+    grid = as_unit_rms(grid) if unit_rms else grid
     factor = pixels.shape[-1] // grid.shape[-1]
     pooled = F.avg_pool2d(pixels, factor)
     m = MARGIN if min(grid.shape[-2:]) > 2 * MARGIN + 4 else 0
@@ -119,26 +142,33 @@ def colour_rmse(predicted: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def fit_linear(decode: Callable[[torch.Tensor], torch.Tensor], channels: int, grid_height: int, grid_width: int,
-               latents: int = FIT_LATENTS, held_back: int = HELD_BACK, seed: int = 0) -> LinearPreview:
+               latents: int = FIT_LATENTS, held_back: int = HELD_BACK, seed: int = 0,
+               generated: list[torch.Tensor] = (), unit_rms: bool = True) -> LinearPreview:
     """Least squares of the decoder's pooled pixels on the latent pixels (with a bias), over
-    `latents` random grids of grid_height x grid_width; `held_back` more measure it.
+    `latents` random grids of grid_height x grid_width and the `generated` grids (the model's own,
+    each (1, C, h, w)); `held_back` more of each kind measure it.
     decode((1, C, h, w) float32 CPU grid) -> (1, 3, H, W) pixels."""
     t0 = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    pairs = [pooled_pairs(decode, sample_latents(channels, grid_height, grid_width, i % 2 == 1, generator))
-             for i in range(latents + held_back)]
-    x = torch.cat([p[0] for p in pairs[:latents]])
-    y = torch.cat([p[1] for p in pairs[:latents]])
+    random = [pooled_pairs(decode, sample_latents(channels, grid_height, grid_width, i % 2 == 1, generator), unit_rms)
+              for i in range(latents + held_back)]
+    own = [pooled_pairs(decode, grid, unit_rms) for grid in generated]
+    own_held = min(held_back, len(own) // 3)  # the measure that matters: the model's own latents
+    fitted = random[:latents] + own[own_held:]
+    x = torch.cat([p[0] for p in fitted])
+    y = torch.cat([p[1] for p in fitted])
     solution = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1), y).solution  # (C + 1, 3)
     weight, bias = solution[:channels].T.float().contiguous(), solution[channels].float().contiguous()
-    fit: dict[str, Any] = {"grid": f"{grid_width}x{grid_height}", "latents": latents, "held_back": held_back}
-    if held_back:
-        hx = torch.cat([p[0] for p in pairs[latents:]])
-        hy = torch.cat([p[1] for p in pairs[latents:]])
+    fit: dict[str, Any] = {"grid": f"{grid_width}x{grid_height}", "latents": latents, "generated": len(own) - own_held,
+                           "held_back": held_back + own_held}
+    if held_back or own_held:
+        held = own[:own_held] or random[latents:]  # generated latents held back where there are some
+        hx = torch.cat([p[0] for p in held])
+        hy = torch.cat([p[1] for p in held])
         fit["rmse"] = round(colour_rmse(hx @ solution[:channels] + solution[channels], hy), 5)
         fit["mean_colour_rmse"] = round(colour_rmse(y.mean(0).expand_as(hy), hy), 5)  # what a constant colour scores
     fit["seconds"] = round(time.perf_counter() - t0, 3)
-    return LinearPreview(weight, bias, fit)
+    return LinearPreview(weight, bias, fit, unit_rms)
 
 
 def cache_dir() -> Path:
@@ -166,7 +196,7 @@ def decoder_key(pipe: Any, family: Family, decoder_id: str | None = None) -> str
 
 def load_or_fit(pipe: Any, family: Family, limits: SizeLimits, decoder_id: str | None = None, cache: Path | None = None) -> LinearPreview:
     """The linear preview map of the pipeline's VAE: from the cache, else fitted (at the size
-    `limits` allows nearest FIT_SIDE, so an engine's profile takes it) and cached."""
+    fit_size: the model's default size, small, within `limits`) and cached."""
     layout = family.latent_layout
     channels = layout.channels(pipe)
     key = decoder_key(pipe, family, decoder_id)
@@ -178,15 +208,51 @@ def load_or_fit(pipe: Any, family: Family, limits: SizeLimits, decoder_id: str |
             return preview
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("preview decoder: refitting, %s is unusable (%s)", path, e)
-    width, height = limits.fit(FIT_SIDE, FIT_SIDE)
+    width, height = fit_size(family, limits)
     factor = int(pipe.vae_scale_factor)
     device = pipe.vae.device
-    preview = fit_linear(lambda grid: layout.decode(pipe, grid.to(device)), channels, height // factor, width // factor)
-    log.info("preview decoder: linear map fitted in %.2fs (held-back colour RMSE %s, a constant colour's %s)",
-             preview.fit["seconds"], preview.fit.get("rmse"), preview.fit.get("mean_colour_rmse"))
+    generated = generated_grids(pipe, family, width, height)
+    preview = fit_linear(lambda grid: layout.decode(pipe, grid.to(device)), channels, height // factor, width // factor,
+                         generated=generated)
+    log.info("preview decoder: linear map fitted in %.2fs on %d generated and %d random latents (held-back colour RMSE %s, "
+             "a constant colour's %s)", preview.fit["seconds"], preview.fit["generated"], preview.fit["latents"],
+             preview.fit.get("rmse"), preview.fit.get("mean_colour_rmse"))
     if path is not None:
         try:
             atomic_write(path, json.dumps({**preview.to_json(), "family": family.name}) + "\n")
         except OSError as e:  # a read-only home: the map still works, it is fitted again next load
             log.warning("preview decoder: cannot cache the map in %s (%s)", path, e)
     return preview
+
+
+def fit_size(family: Family, limits: SizeLimits) -> tuple[int, int]:
+    """The size the map is fitted at: where the model draws (its default size), no larger than
+    FIT_MAX_SIDE on the long side (generating at load must stay cheap), within `limits`."""
+    width, height = family.defaults.width, family.defaults.height
+    scale = min(1.0, FIT_MAX_SIDE / max(width, height))
+    return limits.fit(round(width * scale), round(height * scale))
+
+
+def generated_grids(pipe: Any, family: Family, width: int, height: int) -> list[torch.Tensor]:
+    """The model's own latent grids, (1, C, h, w) float32 on the CPU, one per FIT_PROMPTS, made by
+    the pipeline as a request would be (its default guidance), seeded; FIT_BATCH prompts a call, or
+    one where the engines' profile takes no more; [] where the pipeline cannot make them (the fit
+    then has the random latents alone)."""
+    steps = max(2, min(family.defaults.steps, FIT_STEPS))
+    for batch in dict.fromkeys((FIT_BATCH, 1)):
+        try:
+            return [grid for i in range(0, len(FIT_PROMPTS), batch)
+                    for grid in _generate(pipe, family, list(FIT_PROMPTS[i:i + batch]), width, height, steps, seed=i)]
+        except Exception as e:  # previews are never worth a load
+            failure = e
+    log.warning("preview decoder: fitting on random latents only, generating failed (%s: %s)", type(failure).__name__, failure)
+    return []
+
+
+def _generate(pipe: Any, family: Family, prompts: list[str], width: int, height: int, steps: int, seed: int) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        out = pipe(prompt=prompts, width=width, height=height, num_inference_steps=steps,
+                   generator=[torch.Generator(device="cpu").manual_seed(seed + j) for j in range(len(prompts))],  # batching changes nothing
+                   output_type="latent")
+    latents = out.images if hasattr(out, "images") else out[0]
+    return list(family.latent_layout.grid(pipe, latents, height, width).float().cpu().split(1))
