@@ -80,6 +80,7 @@ def test_the_demo_model_is_the_trained_one_with_its_own_defaults(demo_runtime, t
     carried = json.loads((TRAINED_DIR / DEFAULTS_FILE).read_text())
     ref = resolve_model(None)
     assert ensure_demo_model() == TRAINED_DIR and ref.name == DEMO_NAME and ref.family_name == DEMO_FAMILY
+    assert resolve_model(DEMO_NAME) == ref, "the demo's served name is the demo, never a hub lookup (omni serve NAME)"
     d = demo_runtime.family.defaults
     assert (d.width, d.height, d.steps) == (carried["width"], carried["height"], carried["steps"])
     # The family's own defaults (what Z-Image-Turbo serves with) are untouched: a folder without the file keeps them.

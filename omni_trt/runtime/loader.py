@@ -150,9 +150,9 @@ def resolve_model(model: str | None, engine_dir: str | Path | None = None) -> Mo
     builds no demo model, downloads no weights, and looks a hub model up at most once (configs)."""
     if engine_dir is not None:
         return _resolve_engine_dir(model, Path(engine_dir))
-    if model is None:  # the embedded demo model: its folder is package data, read without building anything
-        from ..demo import DEMO_FAMILY, DEMO_NAME, TRAINED_DIR
+    from ..demo import DEMO_FAMILY, DEMO_NAME, TRAINED_DIR  # lazily: demo/ sits above runtime/
 
+    if model is None or model == DEMO_NAME:  # the embedded demo (by its served name too): package data, nothing built
         return ModelRef(None, None, DEMO_FAMILY, DEMO_NAME, defaults=carried_defaults(family_by_name(DEMO_FAMILY), TRAINED_DIR))
     family = detect_family(model)
     return ModelRef(model, None, family.name, str(model), defaults=carried_defaults(family, model))
