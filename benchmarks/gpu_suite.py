@@ -16,6 +16,13 @@ suite goes on):
   5. concurrency: 8 requests of 512x512 sent at once against the same 8 one after another, to a
      real `omni serve` subprocess (its scheduler batches compatible requests).
 
+  6. --family NAME (opt-in, repeatable; e.g. flux2-klein): that family's real-shape pipeline built,
+     then `omni bench` on torch at the bench size and its own default steps (klein 4B: a 1024x1024
+     generation in 4 steps), the model removed after (disk). Give the suite more --budget for it.
+  7. --lora (opt-in): LoRA adapters on TensorRT: a one-layer real-shape Z-Image (full width) built
+     with --refittable, then benchmarks/lora.py on it: base generation, one adapter steady, the
+     first request after a switch (its refit seconds), two adapters. Skipped where no TensorRT runs.
+
 --tiny runs the same steps on the tiny demo model on CPU (64x64, 2 steps, 4 requests, the VAE decoder
 alone exported; ONNX Runtime on CPU stands in for CUDA), so `make test` keeps the suite from rotting.
 """
@@ -65,12 +72,12 @@ class Plan:
 
 
 GPU = Plan("1024x1024", 9, 3, "512x512", 9, 8, True,
-           caps={"probe": 120, "model": 180, "engines": 300, "bench": 330, "concurrency": 120})
+           caps={"probe": 120, "model": 180, "engines": 300, "bench": 330, "concurrency": 120, "family": 420, "lora": 420})
 TINY = Plan("64x64", 2, 2, "64x64", 2, 4, False,
-            caps={"probe": 90, "model": 60, "engines": 120, "bench": 180, "concurrency": 90})
+            caps={"probe": 90, "model": 60, "engines": 120, "bench": 180, "concurrency": 90, "family": 120, "lora": 60})
 # Time kept back for the later steps while an earlier one runs: the comparison (bench) and the
 # concurrency figure are what the suite is for, so model or engine builds cannot eat them.
-RESERVE = {"probe": 300, "model": 240, "engines": 200, "bench": 60, "concurrency": 0}
+RESERVE = {"probe": 300, "model": 240, "engines": 200, "bench": 60, "concurrency": 0, "family": 0, "lora": 0}
 
 
 class StepError(Exception):
@@ -78,8 +85,9 @@ class StepError(Exception):
 
 
 class Suite:
-    def __init__(self, plan: Plan, tiny: bool, budget_s: float, out: Path, work: Path) -> None:
-        self.plan, self.tiny, self.out, self.work = plan, tiny, out, work
+    def __init__(self, plan: Plan, tiny: bool, budget_s: float, out: Path, work: Path, families: tuple[str, ...] = (),
+                 lora: bool = False) -> None:
+        self.plan, self.tiny, self.out, self.work, self.families, self.with_lora = plan, tiny, out, work, families, lora
         self.started = time.monotonic()
         self.deadline = self.started + budget_s
         self.report: dict[str, Any] = {"suite": "omni-trt gpu suite", "tiny": tiny, "budget_s": budget_s,
@@ -99,7 +107,8 @@ class Suite:
     def step(self, name: str, fn: Callable[[float], dict[str, Any]]) -> dict[str, Any] | None:
         """Run fn(timeout) within the step's cap and what the budget leaves after the later
         steps' reserve; record its result, or its error, and write the JSON."""
-        timeout = min(self.plan.caps[name], self.left() - (0 if self.tiny else RESERVE[name]))
+        kind = name.split(" ")[0]  # "family flux2-klein": the family steps share one cap
+        timeout = min(self.plan.caps[kind], self.left() - (0 if self.tiny else RESERVE[kind]))
         timeout = max(timeout, min(MIN_STEP_S, self.left()))  # the reserve bends before a step is starved
         if timeout < MIN_STEP_S:
             self.report["steps"][name] = {"ok": False, "error": f"out of time: {self.left():.0f} s of the budget left"}
@@ -291,6 +300,45 @@ class Suite:
                 "serial_latency_median_ms": statistics.median(serial) * 1000,
                 "concurrent_latency_median_ms": statistics.median(concurrent) * 1000, "concurrent_latency_max_ms": max(concurrent) * 1000}
 
+    def family(self, timeout: float, name: str) -> dict[str, Any]:
+        """Another family's real-shape pipeline (the tiny one with --tiny) through `omni bench` on
+        torch, at the bench size and the family's own default steps."""
+        deadline = time.monotonic() + timeout
+        model_dir, out = self.work / f"family-{name}", self.work / f"bench-{name}.json"
+        try:
+            self.run(["-m", "omni_trt", "demo-model", str(model_dir), "--family", name, *(["--real-shapes"] if self.plan.real_shapes else [])],
+                     timeout, f"model-{name}")
+            self.run(["-m", "omni_trt", "bench", str(model_dir), "--runtimes", "torch", "--size", self.plan.bench_size, "--batch", "1",
+                      "--warmup", "1", "--repeats", str(self.plan.repeats), "--out", str(out)], deadline - time.monotonic(), f"bench-{name}")
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)  # disk: a real-shape model is tens of GB
+        report = json.loads(out.read_text())
+        return {"family": name, "real_shapes": self.plan.real_shapes, "size": report.get("size"), "steps": report.get("steps"),
+                "runtimes": report.get("runtimes")}
+
+    def lora(self, timeout: float, probe: dict[str, Any] | None) -> dict[str, Any]:
+        """LoRA on a refittable TensorRT engine of a one-layer, full-width real-shape Z-Image:
+        benchmarks/lora.py's base, steady, switch (refit seconds) and two-adapter figures."""
+        runs = [f for f, r in ((probe or {}).get("flavors") or {}).items() if r and r.get("runs")]
+        if self.tiny or not runs:
+            raise _Skip("--tiny: no TensorRT refit on a CPU" if self.tiny else "no TensorRT runs on this GPU (see probe): nothing to refit")
+        deadline = time.monotonic() + timeout
+        model_dir, engine_dir, out, size = self.work / "lora-model", self.work / "lora-engines", self.work / "lora.json", self.plan.bench_size
+        try:
+            self.run(["-c", "import sys; from pathlib import Path; from omni_trt.demo.z_image import build_real_shapes; "
+                      "build_real_shapes(Path(sys.argv[1]), 'fp16', overrides={'n_layers': 1, 'n_refiner_layers': 1})", str(model_dir)],
+                     deadline - time.monotonic(), "lora-model")
+            self.run(["-m", "omni_trt", "build-engine", str(model_dir), "--engine-dir", str(engine_dir), "--components", "transformer,vae_decoder",
+                      "--dtype", "fp16", "--min-size", size, "--opt-size", size, "--max-size", size, "--refittable",
+                      "--target", "tensorrt" if "tensorrt" in runs else "tensorrt-rtx"], deadline - time.monotonic(), "lora-engines")
+            self.run([str(ROOT / "benchmarks" / "lora.py"), "--model", str(model_dir), "--engine-dir", str(engine_dir), "--runtimes", "tensorrt",
+                      "--device", "cuda", "--dtype", "fp16", "--size", size, "--steps", str(self.plan.bench_steps), "--repeats", "3",
+                      "--no-memory", "--out", str(out)], deadline - time.monotonic(), "lora")
+        finally:
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.rmtree(engine_dir, ignore_errors=True)
+        return json.loads(out.read_text())
+
     # ---- the whole ----
 
     def main(self) -> dict[str, Any]:
@@ -303,6 +351,10 @@ class Suite:
             engines_why = record.get("skipped") or record.get("error")
             self.step("bench", lambda t: self.bench(t, model["dir"], engine_dir, engines_why))
             self.step("concurrency", lambda t: self.concurrency(t, model["dir"]))
+        for name in self.families:
+            self.step(f"family {name}", lambda t, name=name: self.family(t, name))
+        if self.with_lora:
+            self.step("lora", lambda t: self.lora(t, probe))
         self.report["figures"] = figures(self.report["steps"])
         self.write()
         return self.report
@@ -331,6 +383,10 @@ def figures(steps: dict[str, Any]) -> dict[str, Any]:
     if probes:
         out["probe_block_ms"] = {f: r["run"]["ms"] for f, r in probes.items()}
         out["probe_speedup_vs_eager"] = {f: r["run"]["speedup_vs_eager"] for f, r in probes.items()}
+    for name, step in steps.items():  # the opt-in family steps: torch end to end at their own default steps
+        torch_run = ((step or {}).get("runtimes") or {}).get("torch") or {}
+        if name.startswith("family ") and "stages" in torch_run:
+            out.setdefault("family_torch_total_ms", {})[step["family"]] = torch_run["stages"]["total"]["median_ms"]
     conc = steps.get("concurrency") or {}
     if "speedup" in conc:
         out["concurrency"] = {k: conc[k] for k in ("serial_s", "concurrent_s", "speedup")}
@@ -429,13 +485,15 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="the suite's JSON (rewritten after every step)")
     ap.add_argument("--tiny", action="store_true", help="the same steps on the tiny demo model on CPU, in about a minute")
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole suite (default: 480, --tiny: 300)")
+    ap.add_argument("--family", action="append", default=[], help="also bench this family's real-shape pipeline on torch (repeatable)")
+    ap.add_argument("--lora", action="store_true", help="also measure LoRA adapters refit into a refittable TensorRT engine")
     ap.add_argument("--work", default=None, help="where the model, engines and logs go (default: a temporary folder, removed after)")
     args = ap.parse_args()
     plan = TINY if args.tiny else GPU
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="omni-gpu-suite-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        report = Suite(plan, args.tiny, args.budget or (300.0 if args.tiny else 480.0), Path(args.out), work).main()
+        report = Suite(plan, args.tiny, args.budget or (300.0 if args.tiny else 480.0), Path(args.out), work, tuple(args.family), args.lora).main()
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

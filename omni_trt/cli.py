@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -120,7 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.info("%s is signed by %s", args.engine_dir, check_signature(args.engine_dir, args.trust_key))
     model = resolve_model(args.model, args.engine_dir)  # fail before listening: a wrong path is not a 503
     options = server_options(args, args.served_model_name or [model.name])
-    opts = load_options(args, args.warmup_size)
+    opts = dataclasses.replace(load_options(args, args.warmup_size), lora=lora_options(args))
     if args.replicas or args.min_replicas or args.max_replicas:
         return _serve_on_ray(args, options, opts)
     if args.threads:
@@ -272,7 +273,49 @@ def _add_serve_parser(sub: Any) -> None:
     g.add_argument("--warmup-size", default=None, metavar="WxH", help=(
         "--runtime torch-compile: the image size compiled and warmed up before /health says ready (default: the family's "
         "default size). Other sizes, batches and longer prompts compile once, on their first request"))
+    _add_lora_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    from .lora import MAX_LORAS_PER_REQUEST
+    from .runtime.adapters import MAX_LORA_SESSIONS
+
+    g = p.add_argument_group("LoRA adapters", "requests name adapters in `lora` (or as `model`); served on torch (PEFT layers), "
+                             "torch-compile (merged in place), onnxruntime (merged weights) and tensorrt engines built with --refittable (refit)")
+    g.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH", help=(
+        "adapters loaded and checked at start: PATH is a .safetensors file or a folder with pytorch_lora_weights.safetensors, "
+        "in any format diffusers' load_lora_weights reads for the family"))
+    g.add_argument("--lora-dir", default=None, metavar="DIR", help=(
+        "requests (and the load route) may name adapter paths inside DIR only (symlinks resolved); default: none, only "
+        "registered adapters"))
+    g.add_argument("--enable-lora-loading", action="store_true", help=(
+        "turn on POST /v1/load_lora_adapter and /v1/unload_lora_adapter (404 without it; paths inside --lora-dir; "
+        "refused with --replicas)"))
+    g.add_argument("--max-loras-per-request", type=positive_int, default=MAX_LORAS_PER_REQUEST, metavar="N", help=(
+        f"most adapters one request applies (default: {MAX_LORAS_PER_REQUEST})"))
+    g.add_argument("--max-lora-sessions", type=positive_int, default=MAX_LORA_SESSIONS, metavar="N", help=(
+        "--runtime onnxruntime: sessions with merged adapter weights kept, by adapter set, least recently used dropped; each "
+        f"holds a copy of the transformer's weights (default: {MAX_LORA_SESSIONS}, besides the base session)"))
+
+
+def lora_options(args: argparse.Namespace) -> Any:
+    """serve's LoraOptions, or None when no adapter flag is given (no `lora` field then)."""
+    from .runtime.adapters import parse_modules
+    from .runtime.pipeline import LoraOptions
+
+    if args.enable_lora_loading and not args.lora_dir:
+        raise UsageError("--enable-lora-loading loads adapters from --lora-dir: give --lora-dir DIR", "--enable-lora-loading")
+    if args.enable_lora_loading and (args.replicas or args.min_replicas or args.max_replicas):
+        raise UsageError("--enable-lora-loading is refused with --replicas: a load would reach one replica only; register "
+                         "adapters with --lora-modules (every replica loads them) or let requests name paths in --lora-dir",
+                         "--enable-lora-loading")
+    if args.lora_dir and not Path(args.lora_dir).is_dir():
+        raise UsageError(f"--lora-dir {args.lora_dir}: not a folder", "--lora-dir")
+    modules = parse_modules(args.lora_modules)
+    if not modules and not args.lora_dir:
+        return None
+    return LoraOptions(tuple(modules.items()), args.lora_dir, args.max_loras_per_request, args.enable_lora_loading, args.max_lora_sessions)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ engines), so both run a graph with the same options."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -17,10 +17,13 @@ def has_cuda() -> bool:
     return CUDA in ort.get_available_providers()
 
 
-def session(path: Path | str, providers: Sequence[str] | None = None, *, device_id: int = 0, cuda_stream: int | None = None) -> Any:
+def session(path: Path | str, providers: Sequence[str] | None = None, *, device_id: int = 0, cuda_stream: int | None = None,
+            initializers: Mapping[str, Any] | None = None) -> Any:
     """An InferenceSession on `providers` (default: CUDA where onnxruntime-gpu has it, else CPU).
     cuda_stream: a CUDA stream handle (torch's `cuda_stream`) the CUDA provider enqueues its
-    kernels on, so a run orders with the torch work around it instead of synchronising."""
+    kernels on, so a run orders with the torch work around it instead of synchronising.
+    initializers: name -> OrtValue replacing the graph's initializers of those names (LoRA-merged
+    weights); the caller keeps the values alive as long as the session."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -28,6 +31,8 @@ def session(path: Path | str, providers: Sequence[str] | None = None, *, device_
     # ORT's idle threads spin for a while after each run; inside a pipeline that steals the
     # cores torch's text encoder and scheduler run on next (a 20x slower text encode on CPU).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in (CUDA, CPU) if p in available]

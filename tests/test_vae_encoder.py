@@ -25,7 +25,7 @@ from omni_trt.compiler.export import relative_error, validate_onnx
 from omni_trt.enginedir import Manifest, PointEntry, manifest_path, onnx_relpath, plan_relpath
 from omni_trt.errors import ComponentNotBuilt, EngineDirError
 from omni_trt.models import FAMILIES
-from omni_trt.models.base import EDIT_TASKS, Point
+from omni_trt.models.base import EDIT_TASKS, REFERENCE_TASK, Point
 from omni_trt.runtime.edits import edit_pipeline
 from omni_trt.runtime.loader import load_runtime
 from omni_trt.runtime.pipeline import load_pipeline
@@ -71,6 +71,10 @@ def runtimes(built, tiny_dir):
 
 def test_families_name_diffusers_edit_pipelines_that_take_the_text_to_image_modules():
     for fam in FAMILIES.values():
+        if fam.edits.references:  # it edits through its own pipeline's `image` argument, no edit pipeline
+            assert "image" in inspect.signature(getattr(diffusers, fam.pipeline_class).__call__).parameters
+            assert fam.edits.pipeline_class(REFERENCE_TASK) is None
+            continue
         t2i = set(inspect.signature(getattr(diffusers, fam.pipeline_class).__init__).parameters) - {"self"}
         for task in EDIT_TASKS:
             cls = getattr(diffusers, fam.edits.pipeline_class(task))
@@ -102,6 +106,13 @@ def test_standin_encode_on_onnxruntime_equals_torch(family, runtimes):
     vae = ort_rt.pipe.vae
     assert type(vae).__name__.endswith("StandIn") and not list(vae.parameters())
     x = _pixels(family, 2, 64, 96)
+    if FAMILIES[family].edits.references:
+        # Its stand-in carries the pipeline's latent normalisation in the engine (FLUX.2's batch-norm
+        # statistics are weights): what the pipeline makes of an encode is what must be equal.
+        with torch.inference_mode():
+            got, want = (rt.pipe._encode_vae_image(x, torch.Generator().manual_seed(5)) for rt in (ort_rt, torch_rt))
+        assert relative_error(got, want) < TOL
+        return
     with torch.inference_mode():
         got, want = vae.encode(x).latent_dist, torch_rt.pipe.vae.encode(x).latent_dist
         for name in ("mean", "logvar", "std"):
@@ -116,8 +127,10 @@ def _edit(pipe, family: str, task: str, image: Image.Image) -> np.ndarray:
     """One edit of `image`. 4 steps: at strength 0.6 the last 2 run, from a partly noised image (with
     2 steps the first would start at pure noise, and the input would not matter)."""
     fam = FAMILIES[family]
-    kwargs = dict(prompt=PROMPT, image=image, strength=fam.edits.strength(task), height=64, width=64,
+    kwargs = dict(prompt=PROMPT, image=image, height=64, width=64,
                   num_inference_steps=4, generator=[torch.Generator().manual_seed(11)], output_type="np")
+    if task != REFERENCE_TASK:  # a reference edit takes the image whole, no strength
+        kwargs["strength"] = fam.edits.strength(task)
     if task == "inpaint":
         kwargs["mask_image"] = _mask()
     if fam.defaults.guidance_scale is not None:
@@ -146,11 +159,12 @@ def test_edit_pipelines_from_pipe_share_the_engines_and_match_torch(family, runt
     monkeypatch.setattr(ort_rt.pipe.vae, "encoder_engine", encoder)
     assert ort_rt.edit_unavailable is None and torch_rt.edit_unavailable is None
     dtypes = {k: m.dtype for k, m in ort_rt.pipe.components.items() if isinstance(m, torch.nn.Module)}
-    for task in EDIT_TASKS:
+    fam = FAMILIES[family]
+    for task in (REFERENCE_TASK,) if fam.edits.references else EDIT_TASKS:
         pipes = {}
         for rt in (ort_rt, torch_rt):
             pipe = edit_pipeline(rt.pipe, rt.family, rt.dtype, task)
-            assert type(pipe).__name__ == FAMILIES[family].edits.pipeline_class(task)
+            assert type(pipe).__name__ == (fam.edits.pipeline_class(task) or fam.pipeline_class)
             modules = {k: v for k, v in pipe.components.items() if v is not None}
             # The same objects, stand-ins included: nothing was loaded or copied a second time.
             assert {"transformer", "vae", "text_encoder"} <= set(modules)

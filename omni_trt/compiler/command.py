@@ -71,6 +71,11 @@ def add_parsers(subparsers: Any) -> None:
         help=f"TensorRT builder optimization level (default: {DEFAULT_OPT_LEVEL}): lower builds faster, higher may run faster",
     )
     p.add_argument(
+        "--refittable", action="store_true",
+        help="build the transformer engine refittable, so `omni serve --lora-modules` can switch LoRA adapters into its "
+        "weights in place (the manifest records it)",
+    )
+    p.add_argument(
         "--no-validate", action="store_true",
         help="skip the ONNX Runtime check against diffusers (it runs on CPU and holds the fp32 model twice)",
     )
@@ -117,6 +122,7 @@ def cmd_build_engine(args: argparse.Namespace) -> int:
         force=args.force,
         opt_level=args.opt_level,
         validate=not args.no_validate,
+        refittable=args.refittable,
     )
     if key is not None:
         from ..enginedir.signature import sign_engine_dir

@@ -43,6 +43,7 @@ class CompileResult:
     inputs: list[dict[str, Any]] = field(default_factory=list)  # {"name", "dtype", "shape"}
     outputs: list[dict[str, Any]] = field(default_factory=list)
     profile: dict[str, list[list[int]]] = field(default_factory=dict)  # name -> [min, opt, max]
+    refittable: bool = False
 
 
 def check_profile(inputs: Sequence[Mapping[str, Any]], profile: Profile) -> list[str]:
@@ -80,9 +81,11 @@ def compile_engine(
     timing_cache: Path | None = None,
     compute_capabilities: list[str] | None = None,
     label: str | None = None,
+    refittable: bool = False,
 ) -> CompileResult:
     """Build `plan_path` from `onnx_path` with one optimization profile. The timing cache is loaded
-    when present and saved (merged) after the build. Writes the plan atomically."""
+    when present and saved (merged) after the build. Writes the plan atomically. refittable: the
+    engine's weights can be replaced in place (BuilderFlag.REFIT; LoRA adapters on TensorRT)."""
     label = label or plan_path.stem
     trt = flavor.import_module()  # switches polygraphy to this flavour before it imports TensorRT
     from polygraphy.logger import G_LOGGER
@@ -90,7 +93,7 @@ def compile_engine(
     t0 = time.perf_counter()
     colors, G_LOGGER.colors = G_LOGGER.colors, False  # else it nags about the optional 'colored' module
     try:
-        return _compile(onnx_path, plan_path, profile, flavor, trt, opt_level, timing_cache, compute_capabilities, label, t0)
+        return _compile(onnx_path, plan_path, profile, flavor, refittable, opt_level, timing_cache, compute_capabilities, label, t0)
     finally:
         G_LOGGER.colors = colors
 
@@ -100,7 +103,7 @@ def _compile(
     plan_path: Path,
     profile: Profile,
     flavor: Flavor,
-    trt: Any,
+    refittable: bool,
     opt_level: int,
     timing_cache: Path | None,
     compute_capabilities: list[str] | None,
@@ -111,6 +114,7 @@ def _compile(
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
+    trt = flavor.import_module()  # already imported by compile_engine: this only fetches it
     with G_LOGGER.verbosity(G_LOGGER.WARNING):  # our own log lines say what happens
         try:
             log.info("%s: parsing %s", label, onnx_path)
@@ -123,7 +127,7 @@ def _compile(
         if problems:
             raise BuildError(f"{label}: the profile does not fit the network:\n  " + "\n  ".join(problems))
 
-        config, progress = _configure(builder, network, profile, flavor, trt, opt_level, timing_cache, compute_capabilities, label)
+        config, progress = _configure(builder, network, profile, flavor, trt, opt_level, timing_cache, compute_capabilities, label, refittable)
         targets = _targets(config, flavor)
         log.info(
             "%s: building %s %s engine (opt level %d, targets %s)",
@@ -158,11 +162,12 @@ def _compile(
         inputs=inputs,
         outputs=outputs,
         profile={k: [list(s) for s in v] for k, v in profile.items()},
+        refittable=refittable,
     )
 
 
 def _configure(builder: Any, network: Any, profile: Profile, flavor: Flavor, trt: Any, opt_level: int, timing_cache: Path | None,
-               compute_capabilities: list[str] | None, label: str) -> tuple[Any, "_Progress"]:
+               compute_capabilities: list[str] | None, label: str, refittable: bool = False) -> tuple[Any, "_Progress"]:
     """The builder config: the one optimization profile, the targets, the timing cache and a progress monitor."""
     from polygraphy.backend.trt import Profile as PolyProfile
     from polygraphy.exception import PolygraphyException
@@ -183,6 +188,7 @@ def _configure(builder: Any, network: Any, profile: Profile, flavor: Flavor, trt
         # file-like objects: polygraphy would otherwise leave .lock files next to the cache
         load_timing_cache=_ReadableBytes(cache_in) if cache_in else None,
         progress_monitor=progress.monitor,
+        refittable=refittable,
     )
     try:
         config = loader(builder, network)

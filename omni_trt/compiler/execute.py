@@ -26,6 +26,7 @@ from .. import hub
 from ..dtypes import torch_dtype
 from ..enginedir import Action, ComponentEntry, EngineEntry, EngineIO, FileEntry, GpuInfo, Manifest, ModelEntry, OnnxEntry, PointEntry, Points
 from ..enginedir import ShapeRange, TensorIO, Validation, combined_fingerprint, manifest_path, model_fingerprint, now, onnx_relpath, plan_relpath, present_sizes, timing_cache_name, trt_flavor
+from ..enginedir.manifest import WeightName
 from ..errors import BuildError, ModelNotFound
 from ..files import sha256_file
 from ..models import detect_family
@@ -64,6 +65,7 @@ def survey(model: str, engine_dir: Path, opts: BuildOptions) -> BuildFacts:
     names = resolve_components(family, opts.components)
     gpu = trt_flavor.gpu()
     flavor = None if opts.onnx_only else trt_flavor.resolve(opts.target, gpu is not None)
+    trt_flavor.check_refittable(flavor, opts.refittable, gpu is not None)
     targets = None
     if flavor is not None:
         cc = opts.compute_capability
@@ -231,6 +233,7 @@ def _export(plan: BuildPlan, c: ComponentPlan, seconds: dict[str, float], files:
         check_dynamic_dims(spec, result.dynamic_inputs)  # the real export's dims are what engines get
         if not skipped and dtype == torch.float32:
             errors = _validate(plan, c, module, out, result.dynamic_inputs, seconds)
+        weights = _weight_names(module, out) if spec.pipeline_attr == "transformer" else {}
     except Exception:
         for r in (rel, rel + ".data"):
             (engine_dir / r).unlink(missing_ok=True)
@@ -251,8 +254,20 @@ def _export(plan: BuildPlan, c: ComponentPlan, seconds: dict[str, float], files:
         validation=Validation(tolerance=TOLERANCE, dtype="fp32", errors=errors, skipped=skipped),
         exported_at=now(),
         key=c.onnx_key,
+        weights=weights,
     )
     return entry, (_onnx_io(out, "input"), _onnx_io(out, "output"))
+
+
+def _weight_names(module: Any, path: Path) -> dict[str, WeightName]:
+    """The transformer's torch weight name -> ONNX initializer map (lora.names), for LoRA adapters."""
+    import onnx
+
+    from ..lora.names import onnx_digests, torch_digests, weight_map
+
+    found = weight_map(torch_digests(module), onnx_digests(onnx.load(str(path))))
+    log.info("transformer: %d weights mapped to ONNX initializers (LoRA merges into these)", len(found))
+    return {name: WeightName(onnx=init, transposed=flipped) for name, (init, flipped) in sorted(found.items())}
 
 
 def _validate(plan: BuildPlan, c: ComponentPlan, module: Any, path: Path, dims: dict[str, Any], seconds: dict[str, float]) -> dict[str, float]:
@@ -294,6 +309,7 @@ def _build(plan: BuildPlan, c: ComponentPlan, profile: dict, seconds: dict[str, 
         timing_cache=engine_dir / timing_cache_name(flavor.target, plan.versions["tensorrt"]),
         compute_capabilities=plan.targets if flavor.rtx else None,
         label=name,
+        refittable=bool(c.engine_key and c.engine_key.get("refittable")),
     )
     seconds["build"] = result.seconds
     files.update(_file_entries(engine_dir, [rel]))
@@ -311,6 +327,7 @@ def _build(plan: BuildPlan, c: ComponentPlan, profile: dict, seconds: dict[str, 
         seconds=round(result.seconds, 3),
         built_at=now(),
         key=c.engine_key,
+        refittable=result.refittable,
     )
 
 

@@ -46,6 +46,7 @@ class BuildOptions:
     force: bool = False
     opt_level: int = DEFAULT_OPT_LEVEL
     validate: bool = True
+    refittable: bool = False  # the transformer engine's weights can be refit (LoRA on TensorRT)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,8 @@ def profile_points(
     return (
         Point(batch=batch_lo, height=lh, width=lw, text_len=tlo),
         Point(batch=min(batch_opt, batch_hi), height=oh, width=ow, text_len=topt),
-        Point(batch=batch_hi, height=hh, width=hw, text_len=thi),
+        # The most reference images (Edits.references) at the largest size: edits' tokens stay in range.
+        Point(batch=batch_hi, height=hh, width=hw, text_len=thi, references=family.edits.references),
     )
 
 
@@ -278,6 +280,8 @@ def make_plan(engine_dir: Path, options: BuildOptions, facts: BuildFacts) -> Bui
                 "targets": facts.targets or "default",
                 "opt_level": options.opt_level,
             }
+            if options.refittable and spec.pipeline_attr == "transformer":
+                engine_key["refittable"] = True  # only when asked: existing engine dirs keep their keys
         action = decide(old, name, onnx_key, engine_key, facts.sizes, options.force)
         components[name] = ComponentPlan(name, spec, comp_dtype, note, points, profile, onnx_key, engine_key, action)
 

@@ -56,14 +56,15 @@ class PointEntry(_Entry):
     height: int = Field(ge=1)
     width: int = Field(ge=1)
     text_len: int = Field(ge=1)
+    references: int = Field(0, ge=0)  # reference images the transformer's profile covers (Point.references)
 
     @classmethod
     def of(cls, p: Point) -> "PointEntry":
-        return cls(batch=p.batch, height=p.height, width=p.width, text_len=p.text_len)
+        return cls(batch=p.batch, height=p.height, width=p.width, text_len=p.text_len, references=p.references)
 
     @property
     def point(self) -> Point:
-        return Point(batch=self.batch, height=self.height, width=self.width, text_len=self.text_len)
+        return Point(batch=self.batch, height=self.height, width=self.width, text_len=self.text_len, references=self.references)
 
 
 class Points(_Entry):
@@ -119,6 +120,14 @@ class Validation(_Entry):
     skipped: str | None = None
 
 
+class WeightName(_Entry):
+    """Where the ONNX graph holds one torch weight (lora.names): the initializer, and whether it is
+    stored transposed (W.T). What LoRA merges into (ONNX Runtime) and refits (TensorRT)."""
+
+    onnx: str
+    transposed: bool = False
+
+
 class OnnxEntry(_Entry):
     path: RelPath
     files: tuple[RelPath, ...] = Field(min_length=1)
@@ -129,6 +138,7 @@ class OnnxEntry(_Entry):
     validation: Validation
     exported_at: str
     key: dict[str, Any]  # what the export depends on (the rebuild decision compares it)
+    weights: dict[str, WeightName] = {}  # the transformer's: torch weight name -> initializer (LoRA)
 
 
 class GpuInfo(_Entry):
@@ -155,6 +165,7 @@ class EngineEntry(_Entry):
     seconds: float
     built_at: str
     key: dict[str, Any]  # what the build depends on
+    refittable: bool = False  # build-engine --refittable: weights can be refit in place (LoRA on TensorRT)
 
 
 class ComponentEntry(_Entry):
@@ -290,7 +301,8 @@ class Manifest(_Entry):
         """The command that rebuilds this engine dir for this machine (for error messages)."""
         flavors = {c.engine.flavor for c in self.components.values() if c.engine}
         target = f" --target {flavors.pop()}" if len(flavors) == 1 else ""
-        return f"omni build-engine {self.model.id} --engine-dir {engine_dir}{target}"
+        refit = " --refittable" if any(c.engine and c.engine.refittable for c in self.components.values()) else ""
+        return f"omni build-engine {self.model.id} --engine-dir {engine_dir}{target}{refit}"
 
     def add_command(self, engine_dir: Path | str, component: str, like: str) -> str:
         """The command that adds `component` to this engine dir built as the VAE component `like`

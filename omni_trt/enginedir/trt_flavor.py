@@ -212,3 +212,21 @@ def gpu() -> dict[str, str] | None:
         return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
     except Exception:  # a broken driver is the same as no GPU for building
         return None
+
+
+def refitter(trt: Any, engine: Any, logger: Any) -> Any:
+    """A refitter of a deserialized engine built with --refittable (BuilderFlag.REFIT): trt.Refitter
+    in both flavours, by ONNX initializer name (set_named_weights). TensorRT-RTX refits only on a
+    GPU, like it deserializes."""
+    return trt.Refitter(engine, logger)
+
+
+def check_refittable(flavor: Flavor | None, refittable: bool, has_gpu: bool) -> None:
+    """Refuse a refittable build this machine cannot make: TensorRT-RTX compiles a refittable
+    network's kernels on the GPU (its builder fails in Myelin without CUDA), unlike a plain one."""
+    from ..errors import UsageError
+
+    if refittable and flavor is not None and flavor.rtx and not has_gpu:
+        raise UsageError("--refittable: TensorRT-RTX builds refittable engines only on a GPU machine (its CPU-only builder "
+                         "cannot compile them); build there, or serve LoRA adapters from these engines with --runtime onnxruntime",
+                         "--refittable")

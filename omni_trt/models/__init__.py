@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 from ..errors import ModelNotFound, UnsupportedModel
 from ..hub import model_dir
 from .base import COMPONENTS, Defaults, Family, Point, SizeRules
 from .flux import FAMILY as FLUX
+from .flux2_klein import FAMILY as FLUX2_KLEIN
 from .qwen_image import FAMILY as QWEN_IMAGE
 from .sd3 import FAMILY as SD3
 from .sizes import SizeLimits, parse_size
 from .z_image import FAMILY as Z_IMAGE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Z_IMAGE, QWEN_IMAGE, FLUX, SD3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Z_IMAGE, QWEN_IMAGE, FLUX, SD3, FLUX2_KLEIN)}
 
 __all__ = [
     "COMPONENTS",
@@ -61,4 +63,7 @@ def read_model_index(model: str | os.PathLike) -> dict:
 
 
 def detect_family(model: str | os.PathLike) -> Family:
-    return family_for_class(read_model_index(model).get("_class_name", "<none>"))
+    """The family of a pipeline folder or hub id, with that checkpoint's own defaults (Family.variants)."""
+    index = read_model_index(model)
+    family = family_for_class(index.get("_class_name", "<none>"))
+    return family if family.variants is None else replace(family, defaults=family.defaults_for(index))

@@ -16,6 +16,9 @@ if TYPE_CHECKING:  # torch is heavy; the server's pure parts import this module 
 # Build order; the VAE encoder (edits only) comes last, so a text-to-image engine dir is the first two.
 COMPONENTS = ("transformer", "vae_decoder", "vae_encoder")
 EDIT_TASKS = ("img2img", "inpaint")  # no mask: image-to-image; a mask: inpainting
+# The edit task of a family whose input images go to its own pipeline's `image` argument
+# (multi-reference / instruction edits: Edits.references).
+REFERENCE_TASK = "reference"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Point:
     height: int
     width: int
     text_len: int
+    references: int = 0  # reference images at (height, width) the transformer also sees (Edits.references)
 
 
 @dataclass(frozen=True)
@@ -164,12 +168,21 @@ class Edits:
     `diffusers`), built with `from_pipe` over the text-to-image pipeline's modules, and the default
     `strength` per task (those pipelines' own defaults in diffusers 0.42)."""
 
-    img2img_pipeline: str
-    inpaint_pipeline: str
+    img2img_pipeline: str | None = None
+    inpaint_pipeline: str | None = None
     img2img_strength: float = 0.6
     inpaint_strength: float = 0.6
+    # > 0: the family edits through its own pipeline's `image` argument instead (task "reference"):
+    # up to this many input images condition one call together; no strength, no mask.
+    references: int = 0
+    reference_max_aspect: float | None = None  # the longest side over the shortest a reference may have
+    # False: the pipeline needs an input image (an edit-only model): generations are refused.
+    generations: bool = True
 
-    def pipeline_class(self, task: str) -> str:
+    def pipeline_class(self, task: str) -> str | None:
+        """The diffusers class name for `task`; None for "reference": the family's own pipeline."""
+        if task == REFERENCE_TASK:
+            return None
         return {"img2img": self.img2img_pipeline, "inpaint": self.inpaint_pipeline}[_task(task)]
 
     def strength(self, task: str) -> float:
@@ -231,6 +244,15 @@ class Family:
     edits: Edits
     sample_points: tuple[Point, Point] | None = None
     pixels_per_token: int = 16
+    # LoRA: the transformer layers adapters usually target (diffusers' attention projections in every
+    # served family); the pipeline class's own LoraLoaderMixin reads and converts the files.
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # A checkpoint's own defaults from its model_index.json (FLUX.2 klein: distilled or base); None: `defaults`.
+    variants: Callable[[Mapping[str, Any]], Defaults] | None = None
+
+    def defaults_for(self, index: Mapping[str, Any]) -> Defaults:
+        """The request defaults of the model whose model_index.json is `index`."""
+        return self.defaults if self.variants is None else self.variants(index)
 
     def image_tokens(self, width: int, height: int) -> int:
         """Transformer tokens of one image (OpenAI's usage.output_tokens)."""

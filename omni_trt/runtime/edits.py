@@ -1,6 +1,8 @@
-"""Edits (image-to-image, inpainting) on a loaded runtime: the family's own diffusers pipelines
-(models: `Family.edits`), built with `from_pipe` over the text-to-image pipeline's modules, so the
-weights and engines are loaded once and shared by every task. The VAE stand-in's `encode` runs
+"""Edits (image-to-image, inpainting, reference) on a loaded runtime: the family's own diffusers
+pipelines (models: `Family.edits`), built with `from_pipe` over the text-to-image pipeline's
+modules, so the weights and engines are loaded once and shared by every task. Reference edits
+(FLUX.2 klein's multi-reference conditioning, Qwen-Image-Edit's instruction edits) are the
+family's own pipeline given its `image` argument (runtime.request: `references`). The VAE stand-in's `encode` runs
 the VAE encoder engine; without one, `PipelineRuntime.edit_unavailable` says what to build."""
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ def edit_pipeline(pipe: Any, family: Family, dtype: str, task: str) -> Any:
 
     from ..models.standin import EngineStandIn
 
-    cls = getattr(diffusers, family.edits.pipeline_class(task))
+    # "reference" edits run the family's own pipeline (its `image` argument): a second instance over
+    # the same modules, so its encode_prompt gets a stage timer of its own, as the other edit pipelines do.
+    cls = getattr(diffusers, family.edits.pipeline_class(task) or family.pipeline_class)
     # from_pipe carries over only the modules of the classes its signature names: pass the
     # stand-ins by name. It casts every module to `dtype` (fp32 when not given), in place, and the
     # modules are shared: the runtime's own dtype leaves them as they are.

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .. import ort
+from ..enginedir import trt_flavor
 from ..errors import ComponentNotBuilt, EngineDirError, OutOfProfile
 
 _ORT_TYPES = {
@@ -53,12 +54,10 @@ class OnnxRuntimeEngine:
                                      "pip uninstall -y onnxruntime && pip install 'omni-trt[ort-gpu]', or run on --device cpu")
             self.device = torch.device("cuda", self.device.index if self.device.index is not None else torch.cuda.current_device())
             self._stream = torch.cuda.current_stream(self.device)
-            self.session = ort.session(onnx_path, [ort.CUDA, ort.CPU], device_id=self.device.index, cuda_stream=self._stream.cuda_stream)
             self._run_options = ort.unsynchronized_run()
-        elif self.device.type == "cpu":
-            self.session = ort.session(onnx_path, [ort.CPU])
-        else:
+        elif self.device.type != "cpu":
             raise EngineDirError(f"{self.path.name}: ONNX Runtime engines run on cpu or cuda, not {device}")
+        self.session = self.new_session()
         self.io_binding = self.device.type == "cuda" if io_binding is None else io_binding
         inputs = self.session.get_inputs()
         self.input_names = tuple(i.name for i in inputs)
@@ -70,6 +69,14 @@ class OnnxRuntimeEngine:
                 f"{self.path.name} takes bf16 inputs ({', '.join(bf16)}), which ONNX Runtime cannot feed; "
                 "export with --dtype fp32 (or fp16) for ONNX Runtime, or serve bf16 engines with --runtime tensorrt"
             )
+
+    def new_session(self, initializers: Mapping[str, Any] | None = None) -> Any:
+        """A session of this graph with the same options; `initializers` (name -> OrtValue) replace
+        the graph's weights of those names (LoRA: merged weights). Swapped in by assigning `session`."""
+        if self.device.type == "cuda":
+            return ort.session(self.path, [ort.CUDA, ort.CPU], device_id=self.device.index, cuda_stream=self._stream.cuda_stream,
+                               initializers=initializers)
+        return ort.session(self.path, [ort.CPU], initializers=initializers)
 
     def _input(self, feeds: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
         t = feeds[name].detach()
@@ -140,6 +147,27 @@ class TensorRTEngine:
         self.input_names = tuple(n for n in names if is_input[n])
         self.output_names = tuple(n for n in names if not is_input[n])
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in names}
+
+    def refittable_weights(self) -> set[str]:
+        """The names of the weights a refit can replace (empty unless built with --refittable)."""
+        return set(trt_flavor.refitter(self.trt, self.engine, self._logger).get_all_weights())
+
+    def refit(self, weights: Mapping[str, Any]) -> None:
+        """Replace named weights of a refittable engine in place (LoRA), on torch's current stream;
+        the engine must have been built with --refittable. weights: ONNX initializer name -> numpy
+        array in the engine's weight dtype and layout."""
+        refitter = trt_flavor.refitter(self.trt, self.engine, self._logger)
+        keep = []  # trt.Weights borrow the arrays until the refit is done
+        for name, array in weights.items():
+            keep.append(array)
+            if not refitter.set_named_weights(name, self.trt.Weights(array)):
+                raise EngineDirError(f"{self.path.name}: TensorRT cannot refit the weight {name!r}; rebuild with --refittable")
+        missing = refitter.get_missing_weights()
+        if missing:
+            raise EngineDirError(f"{self.path.name}: a refit also needs {', '.join(list(missing)[:3])}")
+        stream = torch.cuda.current_stream(self.device)
+        if not refitter.refit_cuda_engine_async(stream.cuda_stream):
+            raise EngineDirError(f"{self.path.name}: the TensorRT refit failed")
 
     def __call__(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ctx = self.context

@@ -18,7 +18,7 @@ from .. import hub, ort
 from ..dtypes import torch_dtype
 from ..enginedir import Manifest, trt_flavor
 from ..errors import EngineDirError, UsageError
-from ..models import Defaults, Family, SizeLimits, detect_family, family_by_name
+from ..models import Defaults, Family, SizeLimits, detect_family, family_by_name, read_model_index
 from .compiled import KIND as TORCH_COMPILE
 from .engines import MissingEngine, OnnxRuntimeEngine, ProfiledEngine, TensorRTEngine
 from .pipeline import EngineSwap, LoadOptions, PipelineRuntime, load_pipeline
@@ -166,11 +166,13 @@ DEFAULTS_FILE = "omni_trt_defaults.json"
 def carried_defaults(family: Family, model: str | Path) -> Defaults | None:
     """The family's defaults with the fields a local model folder's DEFAULTS_FILE gives (steps,
     width, height, guidance_scale, true_cfg_scale); None without one (a hub id: none)."""
+    # A family with variants (Family.variants) takes the checkpoint's own from its model_index.json.
+    defaults = family.defaults if family.variants is None else family.defaults_for(read_model_index(model))
     path = Path(model).expanduser() / DEFAULTS_FILE
     if not path.is_file():
-        return None
+        return None if family.variants is None else defaults
     try:
-        return replace(family.defaults, **json.loads(path.read_text()))
+        return replace(defaults, **json.loads(path.read_text()))
     except (ValueError, TypeError) as e:
         raise UsageError(f"{path} is not a JSON object of request defaults ({e})") from None
 
@@ -329,7 +331,26 @@ def _engine_swap(m: Manifest, family: Family, engine_dir: Path, kind: str, engin
         call_kwargs=_text_kwargs(family, m),
         edit_unavailable=missing.get("vae_encoder"),
         decoder_id=_decoder_id(m),
+        **_lora_fields(m, engine_dir, kind, engines),
     )
+
+
+def _lora_fields(m: Manifest, engine_dir: Path, kind: str, engines: dict[str, ProfiledEngine]) -> dict[str, Any]:
+    """What LoRA adapters need of the engines (EngineSwap's lora_* fields): the transformer's engine,
+    ONNX file and weight map, or why they cannot take adapters, with the command that fixes it."""
+    entry = m.components.get("transformer")
+    if entry is None:
+        return {"lora_unavailable": f"{engine_dir} has no transformer engine to merge LoRA adapters into"}
+    fields = {"lora_engine": engines["transformer"].engine, "lora_onnx": str(engine_dir / entry.onnx.path),
+              "lora_weights": {name: (w.onnx, w.transposed) for name, w in entry.onnx.weights.items()}}
+    if not entry.onnx.weights:
+        fields["lora_unavailable"] = (f"the engines in {engine_dir} were built without the transformer's weight map that LoRA "
+                                      f"adapters merge into; rebuild: {_rebuild(m, engine_dir)}")
+    elif kind == "tensorrt" and not (entry.engine and entry.engine.refittable):
+        fields["lora_unavailable"] = (f"the TensorRT transformer engine in {engine_dir} is not refittable, so LoRA adapters cannot be "
+                                      f"switched into it; rebuild: {m.rebuild_command(engine_dir)} --refittable --force "
+                                      "(or serve these engines with --runtime onnxruntime)")
+    return fields
 
 
 def _decoder_id(m: Manifest) -> str | None:

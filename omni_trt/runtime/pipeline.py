@@ -14,7 +14,10 @@ import torch
 
 from ..dtypes import check_dtype, default_dtype, torch_dtype
 from ..errors import Cancelled, UsageError
+from ..lora import MAX_LORAS_PER_REQUEST
 from ..models import Family, SizeLimits, detect_family
+from .adapters import (MAX_LORA_SESSIONS, InPlaceAdapters, ModuleWeights, OnnxWeights, RefitAdapters, SessionAdapters, TorchAdapters,
+                       make_registry, weight_shapes)
 from .compiled import KIND as COMPILED_KIND
 from .compiled import CompileInfo, compile_pipeline
 from .edits import edit_pipeline
@@ -33,6 +36,18 @@ def default_device() -> str:
 
 
 @dataclass(frozen=True)
+class LoraOptions:
+    """serve's LoRA flags: modules (name, path) loaded and checked at start; lora_dir: where request
+    and load-route paths may point (None: none may); max_per_request: adapters one request names."""
+
+    modules: tuple[tuple[str, str], ...] = ()
+    lora_dir: str | None = None
+    max_per_request: int = MAX_LORAS_PER_REQUEST
+    loading: bool = False  # --enable-lora-loading: the load/unload routes
+    max_sessions: int = MAX_LORA_SESSIONS  # onnxruntime: sessions kept by adapter set (LRU)
+
+
+@dataclass(frozen=True)
 class LoadOptions:
     """How to load a pipeline."""
 
@@ -44,6 +59,7 @@ class LoadOptions:
     # Partial images: "linear" (runtime.preview's map, fitted or read from its cache at load; what
     # `omni serve` defaults to) or "full" (the VAE decoder; nothing to fit, for callers that never stream).
     preview_decoder: str = "full"
+    lora: LoraOptions | None = None  # adapters served (None: no `lora` field)
 
     @property
     def target_device(self) -> str:
@@ -71,6 +87,12 @@ class EngineSwap:
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     edit_unavailable: str | None = None
     decoder_id: str | None = None
+    # LoRA on engines: the transformer's engine, its ONNX file and weight map (torch name ->
+    # (initializer, transposed)), and why adapters cannot be served (a rebuild command), if so.
+    lora_engine: Any = None
+    lora_onnx: str | None = None
+    lora_weights: Mapping[str, tuple[str, bool]] = field(default_factory=dict)
+    lora_unavailable: str | None = None
 
 
 class StageTimer:
@@ -110,6 +132,7 @@ class BatchResult:
     images: list[list[Any]]  # per request, its PIL images in order
     stages: dict[str, float]  # seconds per stage, plus "total"
     calls: list[int] = field(default_factory=list)  # images per pipeline call (chunks of the batch)
+    lora_switch: float | None = None  # seconds spent switching adapter sets before it (None: no switch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,6 +149,9 @@ class PipelineRuntime:
     swap: EngineSwap | None = None  # the engines swapped in; None: plain torch
     compiled: CompileInfo | None = None  # torch-compile: what was compiled, the warm-up's cost
     preview: LinearPreview | None = None  # partial images from this map; None: full VAE decodes
+    # LoRA: the registry and what switches sets (runtime.adapters: TorchAdapters, InPlaceAdapters,
+    # SessionAdapters or RefitAdapters); None: no adapters served. Changed only under _lock.
+    adapters: Any = None
     _timer: list = field(default_factory=lambda: [None], init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # A private copy of the prompt tokenizer: HF tokenizers change their truncation and padding
@@ -197,6 +223,8 @@ class PipelineRuntime:
         if self.compiled:
             out["compile"] = self.compiled.describe()
         out["preview_decoder"] = "linear" if self.preview is not None else "full"
+        if self.adapters is not None:
+            out["lora"] = self.adapters.describe()
         return out
 
     def max_images(self, guidance_scale: float | None, cap: int | None = None) -> int | None:
@@ -229,6 +257,7 @@ class PipelineRuntime:
         stages: dict[str, float] = {}
         calls: list[int] = []
         with self._lock:
+            switch = self._activate(requests[0].lora)
             for chunk in chunks:
                 _stop_if(should_stop)
                 calls.append(sum(r.n for _, _, r in chunk))
@@ -239,7 +268,15 @@ class PipelineRuntime:
                     images[index].extend(next(it) for _ in range(r.n))
                 for k, v in seconds.items():
                     stages[k] = stages.get(k, 0.0) + v
-        return BatchResult(images, stages, calls)
+        return BatchResult(images, stages, calls, switch)
+
+    def _activate(self, lora: tuple[tuple[str, float], ...]) -> float | None:
+        """Put the batch's adapter set into effect (under the lock, between batches)."""
+        if self.adapters is None:
+            if lora:
+                raise UsageError("this server serves no LoRA adapters", "lora")
+            return None
+        return self.adapters.activate(lora)
 
     def _chunks(self, requests: list[GenerationRequest], cap: int | None) -> list[list[tuple[int, int, GenerationRequest]]]:
         """(request index, first image index, part) per call, so no call exceeds the image
@@ -378,7 +415,30 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
     preview = _linear_preview(pipe, family, swap) if options.preview_decoder == "linear" else None
     # Before PipelineRuntime hooks its stage timers on: those stay outside the compiled graphs.
     compiled = compile_pipeline(pipe, family, device, options.warmup_size) if torch_compile else None
-    return PipelineRuntime(model, family, pipe, device, dtype, swap=swap, compiled=compiled, preview=preview)
+    adapters = _adapters(pipe, options.lora, swap, compiled) if options.lora else None
+    return PipelineRuntime(model, family, pipe, device, dtype, swap=swap, compiled=compiled, preview=preview, adapters=adapters)
+
+
+def _adapters(pipe: Any, lora: LoraOptions, swap: EngineSwap | None, compiled: CompileInfo | None) -> Any:
+    """The registry with serve's adapters loaded and checked, and what switches them: diffusers'
+    PEFT layers (torch), merged weights copied in place (torch-compile), sessions with merged
+    initializers (onnxruntime) or a refit (tensorrt)."""
+    kw = dict(max_per_request=lora.max_per_request, loading=lora.loading)
+    if compiled is not None:  # merged into the compiled modules' weights in place: a switch recompiles nothing
+        weights = ModuleWeights(pipe.transformer)
+        return InPlaceAdapters(weights, make_registry(type(pipe), weights.shapes(), dict(lora.modules), lora.lora_dir), **kw)
+    if swap is None:
+        registry = make_registry(type(pipe), weight_shapes(pipe.transformer), dict(lora.modules), lora.lora_dir)
+        return TorchAdapters(pipe, registry, **kw)
+    if swap.lora_unavailable:
+        raise UsageError(swap.lora_unavailable, "--lora-modules")
+    weights = OnnxWeights(swap.lora_onnx, swap.lora_weights)
+    if swap.kind == "tensorrt":
+        weights.keep(swap.lora_engine.refittable_weights())
+    registry = make_registry(type(pipe), weights.shapes(), dict(lora.modules), lora.lora_dir)
+    if swap.kind == "tensorrt":
+        return RefitAdapters(swap.lora_engine, registry, weights, **kw)
+    return SessionAdapters(swap.lora_engine, registry, weights, max_sessions=lora.max_sessions, **kw)
 
 
 def _linear_preview(pipe: Any, family: Family, swap: EngineSwap | None) -> LinearPreview | None:

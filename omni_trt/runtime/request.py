@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import RequestError
 from ..models import SizeLimits, parse_size
-from ..models.base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, Family
+from ..models.base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, REFERENCE_TASK, Family
 
 MAX_IMAGES = 10
 MAX_STEPS = 200
@@ -81,10 +81,15 @@ class GenerationRequest:
     mask: Any = field(default=None, compare=False, repr=False)
     strength: float | None = None
     request_id: str = field(default="", compare=False)
+    lora: tuple[tuple[str, float], ...] = ()  # the adapter set (omni_trt.lora.AdapterSet): sorted, no zero scales
+    # Reference edits (Edits.references): the input images, together, for the pipeline's own `image`.
+    references: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def task(self) -> str:
         """text2img, or the edit task (models.base.EDIT_TASKS): img2img, inpaint (with a mask)."""
+        if self.references:
+            return REFERENCE_TASK
         if self.image is None:
             return "text2img"
         return "inpaint" if self.mask is not None else "img2img"
@@ -92,7 +97,7 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
         return (self.task, self.strength, self.width, self.height, self.steps, self.guidance_scale, self.true_cfg_scale,
-                self.negative_prompt is None)
+                self.negative_prompt is None, self.lora, tuple(map(id, self.references)))
 
     @property
     def first_step(self) -> int:
@@ -150,6 +155,7 @@ class ImageAsk:
     background: str | None = None
     strength: float | None = None
     prompt_param: str = "prompt"
+    lora: Any = None  # the `lora` field as sent; omni_trt.lora parses it against the server's adapters
 
 
 def first_step(steps: int, strength: float | None) -> int:
@@ -217,6 +223,33 @@ def check_choice(name: str, value: str | None, choices: tuple[str, ...]) -> str:
     return value
 
 
+def edit_inputs(family: Family, inputs: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+    """An edit's (image, mask) pairs as requests: each image its own, or, for a family that edits
+    through its pipeline's `image` argument (Edits.references), all of them as one request's."""
+    if not family.edits.references or inputs[0][0] is None:
+        return inputs
+    return [(tuple(image for image, _ in inputs), inputs[0][1])]
+
+
+def check_references(family: Family, limits: SizeLimits, images: Any, mask: Any, strength: float | None) -> tuple:
+    """The input images of a family that edits through its own pipeline's `image` argument
+    (Edits.references): 1 to its most, each fitted to the sizes the model (and its engines) make,
+    so their tokens stay inside what was built. No mask or strength: those are image-to-image's."""
+    if images is None:
+        return ()
+    images = tuple(images) if isinstance(images, (list, tuple)) else (images,)
+    if len(images) > family.edits.references:
+        raise RequestError(f"{len(images)} input images: this model takes at most {family.edits.references} per request", "image")
+    if mask is not None or strength is not None:
+        raise RequestError("this model edits from the prompt and its input images: it takes no mask or strength",
+                           "mask" if mask is not None else "strength")
+    most = family.edits.reference_max_aspect
+    for im in images:
+        if most is not None and max(im.size) > most * min(im.size):
+            raise RequestError(f"an input image is {im.size[0]}x{im.size[1]}: this model takes images up to {most:g}:1", "image")
+    return tuple(fit_inputs(im, None, *limits.fit(*im.size))[0] for im in images)
+
+
 def fit_inputs(image: Any, mask: Any, width: int, height: int) -> tuple[Any, Any]:
     """The edit's input (and mask) at the output size: not every family's edit pipeline resizes it
     itself (ZImageImg2ImgPipeline takes the image's own size), so every family gets it the same."""
@@ -255,7 +288,13 @@ def _resolve(family: Family, ask: ImageAsk, limits: SizeLimits, caps: RequestCap
         raise RequestError("background 'transparent' is not available: no served model makes an alpha channel; "
                            "use 'opaque' or 'auto'", "background")
     partial_images = _number("partial_images", ask.partial_images, 0, MAX_PARTIAL_IMAGES, integer=True)
-    width, height = resolve_size(family, limits, ask.size, ask.width, ask.height, image)
+    if image is None and not family.edits.generations:  # an edit-only model (Edits.generations)
+        raise RequestError("this model edits images and cannot generate from text alone: send the images to "
+                           "/v1/images/edits (or a chat message with an image)", "image")
+    references = ()
+    if family.edits.references:
+        image, references = None, check_references(family, limits, image, mask, ask.strength)
+    width, height = resolve_size(family, limits, ask.size, ask.width, ask.height, references[0] if references else image)
     n = _number("n", ask.n, 1, MAX_IMAGES, integer=True)
     steps = resolve_steps(family, ask.steps, quality)
     guidance_scale, true_cfg_scale = (None if v is None else _number(name, v, 0.0, MAX_SCALE, integer=False)
@@ -294,6 +333,7 @@ def _resolve(family: Family, ask: ImageAsk, limits: SizeLimits, caps: RequestCap
         mask=mask,
         strength=strength,
         request_id=request_id,
+        references=references,
     )
 
 
@@ -321,6 +361,8 @@ def pipeline_kwargs(requests: list[GenerationRequest]) -> dict[str, Any]:
         kwargs["guidance_scale"] = first.guidance_scale
     if first.true_cfg_scale is not None:
         kwargs["true_cfg_scale"] = first.true_cfg_scale
+    if first.references:  # the same references condition every image of the call (batch_key)
+        kwargs["image"] = list(first.references)
     if first.image is not None:  # one input image (and mask) per output image
         kwargs["image"] = [r.image for r in requests for _ in range(r.n)]
         kwargs["strength"] = first.strength

@@ -214,5 +214,10 @@ class Admission:
         m.images.inc(sum(j.request.n for j in jobs if not j.cancelled))
         for n in result.calls:
             m.batch_images.observe(n)
+        if result.lora_switch is not None:
+            m.lora_switches.inc()
+            m.lora_switch_seconds.observe(result.lora_switch)
+        for name, _ in jobs[0].request.lora:  # one adapter set per batch
+            m.lora_requests.labels(adapter=name).inc(len(jobs))
         total = result.stages.get("total", 0.0)
         self.batch_seconds_ema = total if self.batch_seconds_ema is None else 0.8 * self.batch_seconds_ema + 0.2 * total

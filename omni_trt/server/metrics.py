@@ -25,6 +25,10 @@ class Metrics:
         self.dropped = Counter("omni_requests_dropped", "Queued requests dropped because the client left", registry=r)
         self.cancelled = Counter("omni_requests_cancelled", "Requests abandoned before their answer, by reason (disconnect, "
                                  "deadline) and where they were (queued, running)", ["reason", "where"], registry=r)
+        # LoRA: a switch is an adapter-set change between batches (set_adapters, a session swap or a refit).
+        self.lora_switches = Counter("omni_lora_switches", "Adapter-set changes between batches", registry=r)
+        self.lora_switch_seconds = Histogram("omni_lora_switch_seconds", "Time per adapter-set change", buckets=STAGE_BUCKETS, registry=r)
+        self.lora_requests = Counter("omni_lora_requests", "Requests run with a LoRA adapter, by adapter", ["adapter"], registry=r)
 
     def observe_request(self, path: str, status: int) -> None:
         self.requests.labels(route=path if path in KNOWN_ROUTES else "other", status=str(status)).inc()

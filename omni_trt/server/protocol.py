@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from ..errors import RequestError
 from ..runtime.request import MAX_IMAGES, MAX_PARTIAL_IMAGES, MAX_SCALE, MAX_STEPS, SEED_LIMIT, EMPTY_PROMPT, ImageAsk
+from .cards import HealthResponse, ModelCard, ModelDefaults, ModelList, RuntimeInfo, SizeRange  # noqa: F401 - /v1/models and /health
 
 # ---- requests ----
 
@@ -306,67 +307,6 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: ChatUsage | None = None
-
-
-class ModelDefaults(BaseModel):
-    size: str
-    num_inference_steps: int
-    guidance_scale: float | None
-    true_cfg_scale: float | None
-
-
-class SizeRange(BaseModel):
-    """The sizes this server makes, as numbers: width and height within their ranges, multiples of multiple_of."""
-
-    multiple_of: int
-    min_width: int
-    max_width: int
-    min_height: int
-    max_height: int
-
-
-class RuntimeInfo(BaseModel):
-    """What serves the model: its runtime, family, device, dtype and engines (on /health always
-    set; on a model card once the model is loaded)."""
-
-    runtime: str | None = Field(None, description="torch, torch-compile, onnxruntime or tensorrt.")
-    family: str | None = None
-    device: str | None = None
-    dtype: str | None = None
-    components: dict[str, str] | None = Field(None, description="Component -> what runs it, where engines are swapped in.")
-    engine_profile: dict[str, Any] | None = Field(None, description="Component -> the built min/max request points.")
-    compile: dict[str, Any] | None = Field(None, description="torch-compile: what was compiled, the warm-up size and its seconds.")
-    preview_decoder: str | None = Field(None, description="What makes streamed partial images: linear (a fitted latent-to-RGB map, "
-                                        "at most 512 px) or full (the VAE decoder, full size).")
-
-
-class ModelCard(RuntimeInfo):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "omni-trt"
-    ready: bool
-    defaults: ModelDefaults | None = None
-    sizes: str | None = Field(None, description="The sizes this server makes.")
-    size_limits: SizeRange | None = Field(None, description="The same, as numbers.")
-    max_batch: int | None = Field(None, description="Most images per pipeline call at the default guidance.")
-    max_prompt_tokens: int | None = Field(None, description="Longest prompt this server takes, in the model's tokens.")
-    max_megapixel_steps: float | None = Field(None, description="Most width x height x n x steps / 1e6 one request may ask for.")
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-    @classmethod
-    def one(cls, name: str, created: int, ready: bool, **fields: Any) -> ModelList:
-        """The served model's card: every field set explicitly, since /v1/models leaves out unset ones."""
-        return cls(object="list", data=[ModelCard(id=name, object="model", created=created, owned_by="omni-trt", ready=ready, **fields)])
-
-
-class HealthResponse(RuntimeInfo):
-    status: Literal["ok"] = "ok"
-    model: str
 
 
 class ErrorInfo(BaseModel):

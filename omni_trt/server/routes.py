@@ -11,6 +11,7 @@ from fastapi.routing import APIRoute
 
 from ..errors import RequestError
 from . import playground
+from .adapters import router as adapter_routes
 from .inputs import undecodable_field
 from .protocol import (
     ChatBody,
@@ -156,3 +157,6 @@ async def chat(body: ChatBody, response: Response, s: Serving = Depends(serving)
         return sse_response(*await s.stream_chat(who, body))
     return with_headers(response, await s.create_chat(who, body))
 
+
+# LoRA adapters' load/unload routes (404 unless --enable-lora-loading; server/adapters.py).
+router.include_router(adapter_routes)

@@ -18,8 +18,10 @@ from typing import Any, Callable
 
 from ..errors import ComponentNotBuilt, OmniError, RequestError
 from ..logs import escape
+from ..lora import describe
 from ..runtime.pipeline import PipelineRuntime
-from ..runtime.request import SEED_LIMIT, check_text, GenerationRequest, ImageAsk, RequestCaps, resolve
+from ..runtime.request import SEED_LIMIT, check_text, edit_inputs, GenerationRequest, ImageAsk, RequestCaps, resolve
+from .adapters import adapter_cards, adapter_names, request_adapters
 from .admission import Admission, Admitted
 from .chat import ChatShape, chat_chunks, chat_request, chat_response
 from .contract import DEFAULT_MODEL, Answer, Caller, EditFiles, ServerOptions, Stream
@@ -120,7 +122,7 @@ class ImageServing:
 
     def _check_model(self, model: str | None) -> None:
         names = (self.options.served_model_name, *self.options.aliases)
-        if model is not None and model not in names and model != DEFAULT_MODEL:
+        if model is not None and model not in names and model != DEFAULT_MODEL and model not in adapter_names(self.runtime):
             raise RequestError(f"model {model!r} is not served here; this server serves {', '.join(map(repr, names))}", "model")
 
     def _runtime_info(self) -> RuntimeInfo | None:
@@ -153,7 +155,8 @@ class ImageServing:
                 "max_prompt_tokens": self.caps.max_prompt_tokens,
                 "max_megapixel_steps": self.caps.max_megapixel_steps,
             }
-        return ModelList.one(self.options.served_model_name, self.created, rt is not None, **fields)
+        cards = ModelList.one(self.options.served_model_name, self.created, rt is not None, **fields)
+        return cards.with_adapters(adapter_cards(rt, self.options.served_model_name))
 
     # ---- the endpoints ----
 
@@ -211,7 +214,7 @@ class ImageServing:
         arrived = time.monotonic()
         runtime = self._ready()
         self._check_model(model)
-        inputs = inputs or [(None, None)]
+        inputs = edit_inputs(runtime.family, inputs or [(None, None)])
         if inputs[0][0] is not None and runtime.edit_unavailable:
             raise ComponentNotBuilt(runtime.edit_unavailable)
         request_id = caller.request_id or uuid.uuid4().hex
@@ -221,11 +224,13 @@ class ImageServing:
                 ask = dataclasses.replace(ask, seed=(requests[0].seed + j * requests[0].n) % SEED_LIMIT)
             requests.append(resolve(runtime.family, ask, limits=runtime.limits, caps=self.caps, image=image, mask=mask,
                                     request_id=request_id if not j else f"{request_id}-{j}"))
+        lora = await request_adapters(runtime, ask.lora, model, self.encode_pool)
+        requests = [dataclasses.replace(r, lora=lora) for r in requests] if lora else requests
         req = requests[0]
         tokens = await self._check_tokens(runtime, req, ask.prompt_param)
-        log.info("request %s %s n=%d %dx%d steps=%d seed=%d%s%s", req.request_id, what, req.n, req.width, req.height, req.steps,
+        log.info("request %s %s n=%d %dx%d steps=%d seed=%d%s%s%s", req.request_id, what, req.n, req.width, req.height, req.steps,
                  req.seed, f" {req.task} images={len(requests)} strength={req.strength:g}" if req.image is not None else "",
-                 f" stream partial_images={req.partial_images}" if stream else "")
+                 f" stream partial_images={req.partial_images}" if stream else "", f" lora={describe(lora)}" if lora else "")
         jobs = self.admission.submit(requests, stream)
         return Admitted(requests, jobs, tokens, runtime.family.image_tokens(req.width, req.height), arrived)
 

@@ -208,6 +208,18 @@ function requestBody() {
   return body;
 }
 
+function imageRequest(body, files) {
+  // [url, fetch options]: a generation as JSON, or with input images an edit as multipart (as
+  // OpenAI's SDK sends it: one file in `image`, several in `image[]`).
+  if (!files.length) {
+    return ["/v1/images/generations", { method: "POST", headers: headers(true), body: JSON.stringify(body) }];
+  }
+  const form = new FormData();
+  for (const [k, v] of Object.entries(body)) form.append(k, String(v));
+  for (const f of files) form.append(files.length === 1 ? "image" : "image[]", f, f.name);
+  return ["/v1/images/edits", { method: "POST", headers: headers(false), body: form }];
+}
+
 function busy(on) {
   $("go").disabled = on;
   $("stop").disabled = !on;
@@ -228,9 +240,8 @@ async function generate(ev) {
   state.controller = new AbortController();
   busy(true);
   try {
-    const res = await fetch("/v1/images/generations", {
-      method: "POST", headers: headers(true), body: JSON.stringify(body), signal: state.controller.signal,
-    });
+    const [url, options] = imageRequest(body, [...$("inputs").files]);
+    const res = await fetch(url, { ...options, signal: state.controller.signal });
     // An invalid request is a JSON 4xx before any event.
     if (!res.ok || !(res.headers.get("content-type") || "").startsWith("text/event-stream")) {
       if (res.status === 401) askForKey();
