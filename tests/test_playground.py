@@ -131,6 +131,8 @@ def test_previews_stream_in_before_the_final_images_and_each_downloads(server, p
     expect(page.locator("#key-form")).to_be_hidden()  # no key on this server
     assert page.get_by_label("Steps").input_value() == "9"  # Z-Image-Turbo's default, from the card
     assert page.get_by_label("Size").input_value() == "1024x1024"
+    # The first screen holds a prompt the demo model draws (README: its grammar): one click makes a real picture.
+    assert page.get_by_label("Prompt", exact=True).input_value() == "a yellow triangle on a black background"
     sizes = page.locator("#size option").evaluate_all("os => os.map(o => o.value)")
     assert sizes[0] == "64x64" and "auto" in sizes and "2048x2048" in sizes and "1024x768" in sizes
 

@@ -176,8 +176,8 @@ def test_malformed_bodies_are_4xx_never_500(http, content, status, word):
 @pytest.mark.parametrize(
     "body,status,word",
     [
-        ({"messages": [{"role": "system", "content": "only system"}]}, 400, "user"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "user"),
+        ({"messages": [{"role": "system", "content": "only system"}]}, 422, "user"),  # no prompt: 422, as an empty one is
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 422, "user"),
         ({"messages": []}, 422, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "extra_body": {"size": "64x65"}}, 400, "size"),
         ({"messages": [{"role": "user", "content": "x"}], "extra_body": {"num_inference_steps": 500}}, 422, "num_inference_steps"),
