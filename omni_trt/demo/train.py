@@ -59,6 +59,7 @@ class Settings:
     latent_images: int = 4000  # drawn pictures encoded once for the transformer's training
     vae_lr: float = 2e-3
     dit_lr: float = 1e-3
+    size: int = SIZE  # pictures' side: what both models learn and the folder's default size
 
 
 def draw(p: quality.Picture, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -150,7 +151,7 @@ def train_vae(vae: Any, s: Settings, rng: np.random.Generator, decoder_only: boo
     losses: list[float] = []
     with _bar(steps, "decoder" if decoder_only else "vae") as bar:
         for _ in range(steps):
-            x = to_tensor(random_batch(s.batch, SIZE, rng)[1])
+            x = to_tensor(random_batch(s.batch, s.size, rng)[1])
             posterior = vae.encode(x).latent_dist
             # The mean is decoded, as the transformer will produce it (sampling would bury the early,
             # small means under unit noise); the small KL term keeps the means near the unit scale.
@@ -178,14 +179,14 @@ def _step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any, win
 
 
 def encode_dataset(pipe: Any, s: Settings, rng: np.random.Generator, rescale: bool = True) -> tuple[list[quality.Picture], Any]:
-    """(pictures, latent means) of `latent_images` drawn pictures at SIZE; rescale: set the VAE's
+    """(pictures, latent means) of `latent_images` drawn pictures of side s.size; rescale: set the VAE's
     scaling and shift factors so the scaled latents have unit variance and zero mean."""
     import torch
 
     pics, means = [], []
     with torch.no_grad():
         for start in range(0, s.latent_images, 64):
-            p, images = random_batch(min(64, s.latent_images - start), SIZE, rng)
+            p, images = random_batch(min(64, s.latent_images - start), s.size, rng)
             dist = pipe.vae.encode(to_tensor(images)).latent_dist
             pics += p
             means.append(dist.mean)
@@ -284,11 +285,11 @@ def evaluate(model: Path, grid: Path | None = None, steps: int = DEFAULT_STEPS, 
     return quality.score([quality.parse_caption(p) for p, _ in prompts], [quality.read_picture(im) for im in images])
 
 
-def write_defaults(out: Path, steps: int = DEFAULT_STEPS) -> None:
+def write_defaults(out: Path, size: int = SIZE, steps: int = DEFAULT_STEPS) -> None:
     """The request defaults the pipeline folder carries: the size it learnt, the steps it draws well with."""
     from ..runtime.loader import DEFAULTS_FILE  # the loader reads it
 
-    (out / DEFAULTS_FILE).write_text(json.dumps({"steps": steps, "width": SIZE, "height": SIZE, "guidance_scale": 0.0}, indent=2) + "\n")
+    (out / DEFAULTS_FILE).write_text(json.dumps({"steps": steps, "width": size, "height": size, "guidance_scale": 0.0}, indent=2) + "\n")
 
 
 def train(out: Path, s: Settings = Settings(), log: Callable[[str], None] = print, resume: Path | None = None) -> dict[str, Any]:
@@ -312,9 +313,9 @@ def train(out: Path, s: Settings = Settings(), log: Callable[[str], None] = prin
     t2 = time.monotonic()
     out = Path(out)
     pipe.save_pretrained(out)
-    write_defaults(out)
+    write_defaults(out, s.size)
     with torch.no_grad():
-        score = measure(pipe)
+        score = measure(pipe, size=s.size)
     report = {
         "settings": s.__dict__, "threads": torch.get_num_threads(), "vae_seconds": round(t1 - t0, 1),
         "transformer_seconds": round(t2 - t1, 1), "vae_loss": [vae_losses[0], float(np.mean(vae_losses[-50:]))],
@@ -340,15 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1: small kernels gain little from more on a shared machine)")
     p.add_argument("--evaluate", action="store_true", help="train nothing: score the pipeline in OUT over the fixed prompts and seeds")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"--evaluate: inference steps (default: {DEFAULT_STEPS})")
-    p.add_argument("--size", type=int, default=SIZE, help=f"--evaluate: image side (default: {SIZE})")
+    p.add_argument("--size", type=int, default=d.size, help=f"the pictures' side: trained on, the folder's default size, or with --evaluate scored at (default: {d.size})")
     p.add_argument("--grid", type=Path, default=None, help="--evaluate: also write the pictures as one PNG here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.evaluate:
         print(json.dumps(evaluate(Path(args.out), args.grid, args.steps, args.size).__dict__))
         return 0
-    train(Path(args.out), Settings(args.seed, args.vae_steps, args.decoder_steps, args.dit_steps, args.batch, args.latent_images),
-          resume=args.resume)
+    train(Path(args.out), Settings(args.seed, args.vae_steps, args.decoder_steps, args.dit_steps, args.batch, args.latent_images,
+                                   size=args.size), resume=args.resume)
     return 0
 
 
