@@ -49,6 +49,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    from .flags import add_cache_args
+
+    add_cache_args(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -149,21 +152,27 @@ def bench_runtime(name: str, ref: ModelRef, args: argparse.Namespace) -> tuple[s
     from .runtime.pipeline import LoadOptions
     from .runtime.request import ImageAsk, resolve
 
-    opts = LoadOptions(device=args.device, dtype=args.dtype, warmup_size=args.size)
+    from .runtime.stepcache import parse_cache_config
+
+    opts = LoadOptions(device=args.device, dtype=args.dtype, warmup_size=args.size, cache=parse_cache_config(args.cache_backend, args.cache_config))
     rt = None
     t0 = time.perf_counter()
     try:
         rt = load_runtime(ref if name in ENGINE_RUNTIMES else ref.without_engines(), runtime=name, options=opts)
         load_s = time.perf_counter() - t0
         ask = ImageAsk("a photo of a red fox in the snow, detailed fur", size=args.size, steps=args.steps, n=args.batch, seed=0)
-        req = resolve(rt.family, ask, limits=rt.limits)
+        req = resolve(rt.family, ask, limits=rt.limits, cache=rt.cache_settings)
         for _ in range(args.warmup):
             rt.generate([req])
-        stats = summarize([rt.generate([req]).stages for _ in range(args.repeats)])
+        results = [rt.generate([req]) for _ in range(args.repeats)]
+        stats = summarize([r.stages for r in results])
         kind = rt.kind
         entry: dict[str, Any] = {"load_s": load_s, "device": rt.device, "dtype": rt.dtype, "stages": stats,
                                  "denoise_per_step_ms": stats["denoise"]["median_ms"] / req.steps if "denoise" in stats else None,
                                  "size": f"{req.width}x{req.height}", "steps": req.steps}
+        if rt.step_cache is not None:
+            entry["cache"] = rt.step_cache.describe()
+            entry["denoise_steps"] = dict(zip(("computed", "reused"), results[-1].steps))
         if rt.compiled:
             entry["compile_warmup_s"] = rt.compiled.warmup_s
             entry["compile"] = rt.compiled.describe()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import logs
+from . import flags, logs
 from .demo import DEMO_FAMILY
 from .errors import OmniError, UsageError
 from .models import FAMILIES
@@ -72,6 +72,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-use-tiling", action="store_true", help="decode large images in tiles (less memory)")
     p.add_argument("--engine-dir", default=None, help="an engine dir made by `omni build-engine`: its engines replace the "
                    "transformer and VAE decoder; the model comes from its manifest (MODEL, if given, must match)")
+    flags.add_cache_args(p)
     p.add_argument("--runtime", choices=("auto", "tensorrt", "onnxruntime", "torch", "torch-compile"), default="auto", help=(
         "what runs the transformer and VAE decoder. With --engine-dir: auto (TensorRT when the plans match this GPU and the "
         "installed TensorRT, else ONNX Runtime over the exported ONNX), tensorrt, onnxruntime, or torch (ignore the "
@@ -83,9 +84,53 @@ def load_options(args: argparse.Namespace, warmup_size: str | None = None) -> An
     """The LoadOptions the load flags say (warmup_size: what torch-compile compiles at load;
     None: the family's default size)."""
     from .runtime.pipeline import LoadOptions
+    from .runtime.stepcache import parse_cache_config
 
     return LoadOptions(device=args.device, dtype=args.dtype, vae_slicing=args.vae_use_slicing, vae_tiling=args.vae_use_tiling,
-                       warmup_size=warmup_size, preview_decoder=getattr(args, "preview_decoder", "full"))  # full: no map to fit where nothing streams
+                       warmup_size=warmup_size, preview_decoder=getattr(args, "preview_decoder", "full"),  # full: no map to fit where nothing streams
+                       cache=parse_cache_config(args.cache_backend, args.cache_config),
+                       prompt_cache_size=_prompt_cache_size(getattr(args, "prompt_cache_size", 0)))
+
+
+def _prompt_cache_size(n: int) -> int:
+    if n < 0:
+        raise UsageError(f"--prompt-cache-size must be 0 (off) or more, got {n}", "--prompt-cache-size")
+    return n
+
+
+def cmd_calibrate_cache(args: argparse.Namespace) -> int:
+    """Calibrate the step cache: record the ratios uncached, store them with the model, print the
+    table of thresholds (steps reused, speed-up measured, PSNR/SSIM against uncached)."""
+    from .runtime.calibration import PROMPTS, calibrate, evaluate, format_table, store_calibration
+    from .models import parse_size
+    from .runtime.loader import load_runtime, resolve_model
+    from .runtime.stepcache import CacheConfig
+
+    size = parse_size(args.size, "--size") if args.size else None
+    prompts = PROMPTS
+    if args.prompts:
+        prompts = tuple(line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip())
+        if not prompts:
+            raise UsageError(f"--prompts {args.prompts} has no prompt (one a line)", "--prompts")
+    options = load_options(args, args.size)
+    runtime = load_runtime(resolve_model(args.model, args.engine_dir), runtime=args.runtime,
+                           options=dataclasses.replace(options, cache=CacheConfig()))  # calibrated here, not at load
+    steps = args.steps or [runtime.family.defaults.steps]
+    entry = calibrate(runtime, steps, prompts, size)
+    where = store_calibration(runtime, entry, manifest=True)
+    print(f"calibrated {', '.join(map(str, steps))} steps on {len(prompts)} prompts at {entry.size} in {entry.seconds:.1f} s; kept in {where}")
+    report: dict[str, Any] = {"runtime": runtime.kind, "family": runtime.family.name, "size": entry.size, "prompts": len(prompts),
+                              "calibration_s": entry.seconds, "kept_in": where, "by_steps": {}}
+    for n in steps:
+        rows = evaluate(runtime, entry, n, prompts, args.thresholds, size, base=options.cache.settings)
+        print(f"\n{n} steps ({entry.size}, mean over {len(prompts)} prompts; PSNR/SSIM against the uncached images):")
+        print(format_table(rows, n))
+        report["by_steps"][str(n)] = [{k: (None if v == float("inf") else v) for k, v in r.items() if k != "images"} for r in rows]
+    if args.out:
+        from .files import atomic_write
+
+        atomic_write(args.out, json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 def server_options(args: argparse.Namespace, names: list[str]) -> Any:
@@ -167,7 +212,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     runtime = load_runtime(resolve_model(args.model, args.engine_dir), runtime=args.runtime, options=load_options(args, args.size))
     ask = ImageAsk(args.prompt, size=args.size, n=args.n, steps=args.steps, guidance_scale=args.guidance_scale,
                    true_cfg_scale=args.true_cfg_scale, negative_prompt=args.negative_prompt, seed=args.seed)
-    req = resolve(runtime.family, ask, limits=runtime.limits)
+    req = resolve(runtime.family, ask, limits=runtime.limits, cache=runtime.cache_settings)
     result = runtime.generate([req])
     out = Path(args.output)
     paths = [out] if req.n == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(req.n)]
@@ -177,7 +222,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         path.write_bytes(encode_image(image, fmt))
         print(path)
     stages = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.stages.items())
-    print(f"seed {req.seed}, {req.width}x{req.height}, {req.steps} steps: {stages}", file=sys.stderr)
+    reused = f" ({result.steps[1]} reused by the step cache)" if result.steps[1] else ""
+    print(f"seed {req.seed}, {req.width}x{req.height}, {req.steps} steps{reused}: {stages}", file=sys.stderr)
     return 0
 
 
@@ -273,6 +319,11 @@ def _add_serve_parser(sub: Any) -> None:
     g.add_argument("--warmup-size", default=None, metavar="WxH", help=(
         "--runtime torch-compile: the image size compiled and warmed up before /health says ready (default: the family's "
         "default size). Other sizes, batches and longer prompts compile once, on their first request"))
+    from .runtime.promptcache import DEFAULT_SIZE
+
+    p.add_argument("--prompt-cache-size", type=int, default=DEFAULT_SIZE, metavar="N", help=(
+        "text-encoder outputs kept for repeated prompts (least recently used dropped; a hit gives the same image bit for bit; "
+        f"kept on the model's device: Qwen-Image's are ~3.7 MB each; 0: off) (default: {DEFAULT_SIZE})"))
     _add_lora_args(p)
     p.set_defaults(func=cmd_serve)
 
@@ -360,6 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw manifest JSON")
     p.add_argument("--no-verify", action="store_true", help="skip hashing the files (fast for large engines)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("calibrate-cache", help="calibrate the step cache (MagCache) and print a table to choose a threshold from",
+                       description=(
+        "Run uncached generations, record the transformer output's magnitude ratio step to step, and keep the ratios with the "
+        "model: in the engine dir's manifest (--engine-dir), else under $OMNI_TRT_CACHE/step-cache. Then, for each "
+        "threshold, print the steps computed and reused, the speed-up measured and PSNR/SSIM against the uncached images "
+        "of the same prompts and seeds. `omni serve --cache-backend mag_cache` reads what this stores."))
+    _add_load_args(p)
+    p.add_argument("--steps", type=positive_int, nargs="+", default=None, metavar="N",
+                   help="step counts to calibrate (default: the family's); others are interpolated from the longest")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="prompts, one a line (default: four of the demo's)")
+    p.add_argument("--size", default=None, metavar="WxH", help="image size (default: the family's)")
+    p.add_argument("--thresholds", type=positive_float, nargs="+", default=[0.06, 0.12, 0.24, 0.5], metavar="T",
+                   help="mag_threshold values in the table (default: 0.06 0.12 0.24 0.5)")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the table as JSON")
+    p.set_defaults(func=cmd_calibrate_cache)
 
     from . import bench
     from .compiler import command

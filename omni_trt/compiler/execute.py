@@ -26,7 +26,7 @@ from .. import hub
 from ..dtypes import torch_dtype
 from ..enginedir import Action, ComponentEntry, EngineEntry, EngineIO, FileEntry, GpuInfo, Manifest, ModelEntry, OnnxEntry, PointEntry, Points
 from ..enginedir import ShapeRange, TensorIO, Validation, combined_fingerprint, manifest_path, model_fingerprint, now, onnx_relpath, plan_relpath, present_sizes, timing_cache_name, trt_flavor
-from ..enginedir.manifest import WeightName
+from ..enginedir.manifest import StepCacheEntry, WeightName
 from ..errors import BuildError, ModelNotFound
 from ..files import sha256_file
 from ..models import detect_family
@@ -172,9 +172,20 @@ def _write_manifest(plan: BuildPlan, components: dict[str, ComponentEntry], file
         built_at=now(),
         components=components,
         files=files,
+        step_cache=_kept_calibration(Manifest.read_or_none(plan.engine_dir), components, files),
     )
     manifest.write(plan.engine_dir)
     return manifest
+
+
+def _kept_calibration(old: Manifest | None, components: dict[str, ComponentEntry], files: dict[str, FileEntry]) -> StepCacheEntry | None:
+    """The step cache's calibration survives a rerun that left the transformer's graph as it was
+    (its ratios describe that graph's outputs); any change to it drops them."""
+    if old is None or old.step_cache is None or "transformer" not in components or "transformer" not in old.components:
+        return None
+    shas = [files[rel].sha256 if rel in files else None for rel in components["transformer"].onnx.files]
+    old_shas = [old.files[rel].sha256 if rel in old.files else None for rel in old.components["transformer"].onnx.files]
+    return old.step_cache if shas == old_shas else None
 
 
 def _file_entries(engine_dir: Path, rels: list[str]) -> dict[str, FileEntry]:

@@ -210,6 +210,28 @@ class ModelEntry(_Entry):
     fingerprint: str
 
 
+class StepCacheEntry(_Entry):
+    """The step cache's calibration (runtime.stepcache): per step count, the magnitude ratio of the
+    transformer's output at each step to the step before (the first is 1) and its relative change,
+    averaged over `prompts` uncached generations at `size`. Written by `omni calibrate-cache`."""
+
+    ratios: dict[int, list[Annotated[float, Field(gt=0)]]] = Field(min_length=1)
+    # per step count, each step's relative change of the whole output from the step before (the first 0)
+    changes: dict[int, list[Annotated[float, Field(ge=0)]]] = {}
+    size: str
+    prompts: int = Field(ge=1)
+    seconds: float = Field(ge=0)
+    calibrated_at: str
+
+    @model_validator(mode="after")
+    def _one_ratio_a_step(self) -> "StepCacheEntry":
+        for name, table in (("ratios", self.ratios), ("changes", self.changes)):
+            for steps, values in table.items():
+                if steps < 1 or len(values) != steps:
+                    raise ValueError(f"{name} for {steps} steps must list {steps} numbers, not {len(values)}")
+        return self
+
+
 class Manifest(_Entry):
     format: Literal[1] = FORMAT
     model: ModelEntry
@@ -218,6 +240,7 @@ class Manifest(_Entry):
     built_at: str
     components: dict[str, ComponentEntry] = Field(min_length=1)
     files: dict[RelPath, FileEntry]
+    step_cache: StepCacheEntry | None = None  # omni calibrate-cache --engine-dir
 
     # ---- read / write ----
 

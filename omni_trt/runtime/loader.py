@@ -331,6 +331,7 @@ def _engine_swap(m: Manifest, family: Family, engine_dir: Path, kind: str, engin
         call_kwargs=_text_kwargs(family, m),
         edit_unavailable=missing.get("vae_encoder"),
         decoder_id=_decoder_id(m),
+        engine_dir=str(engine_dir),
         **_lora_fields(m, engine_dir, kind, engines),
     )
 

@@ -19,11 +19,15 @@ from ..models import Family, SizeLimits, detect_family
 from .adapters import (MAX_LORA_SESSIONS, InPlaceAdapters, ModuleWeights, OnnxWeights, RefitAdapters, SessionAdapters, TorchAdapters,
                        make_registry, weight_shapes)
 from .compiled import KIND as COMPILED_KIND
+from .calibration import step_cache_for
 from .compiled import CompileInfo, compile_pipeline
+from .denoise import StepHook
 from .edits import edit_pipeline
 from .preview import DECODERS as PREVIEW_DECODERS
 from .preview import LinearPreview, load_or_fit
+from .promptcache import PromptCache
 from .request import GenerationRequest, pipeline_kwargs
+from .stepcache import CacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ class LoadOptions:
     # `omni serve` defaults to) or "full" (the VAE decoder; nothing to fit, for callers that never stream).
     preview_decoder: str = "full"
     lora: LoraOptions | None = None  # adapters served (None: no `lora` field)
+    cache: CacheConfig = CacheConfig()  # the step cache (--cache-backend, --cache-config); default none
+    prompt_cache_size: int = 0  # encode_prompt outputs kept (LRU); 0: none (serve's --prompt-cache-size: PROMPT_CACHE_SIZE)
 
     @property
     def target_device(self) -> str:
@@ -87,6 +93,7 @@ class EngineSwap:
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     edit_unavailable: str | None = None
     decoder_id: str | None = None
+    engine_dir: str | None = None  # where the engines are (the step cache's calibration is in its manifest)
     # LoRA on engines: the transformer's engine, its ONNX file and weight map (torch name ->
     # (initializer, transposed)), and why adapters cannot be served (a rebuild command), if so.
     lora_engine: Any = None
@@ -133,6 +140,8 @@ class BatchResult:
     stages: dict[str, float]  # seconds per stage, plus "total"
     calls: list[int] = field(default_factory=list)  # images per pipeline call (chunks of the batch)
     lora_switch: float | None = None  # seconds spent switching adapter sets before it (None: no switch)
+    steps: tuple[int, int] = (0, 0)  # each request's denoising steps (computed, reused): one plan a batch
+    prompt_cache: tuple[int, int] = (0, 0)  # prompt cache (hits, misses) in this batch's calls
 
 
 @dataclass(frozen=True, eq=False)
@@ -152,7 +161,11 @@ class PipelineRuntime:
     # LoRA: the registry and what switches sets (runtime.adapters: TorchAdapters, InPlaceAdapters,
     # SessionAdapters or RefitAdapters); None: no adapters served. Changed only under _lock.
     adapters: Any = None
+    # The step cache (runtime.calibration.StepCache); None: every step computes. Set at load.
+    step_cache: Any = None
+    prompt_cache: PromptCache = field(default_factory=lambda: PromptCache(0))
     _timer: list = field(default_factory=lambda: [None], init=False, repr=False)
+    _hook: list = field(default_factory=lambda: [None], init=False, repr=False)  # this call's StepHook
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     # A private copy of the prompt tokenizer: HF tokenizers change their truncation and padding
     # state on every call, so counting on the pipeline's own one beside the worker would race.
@@ -163,10 +176,19 @@ class PipelineRuntime:
     def __post_init__(self) -> None:
         # Instance attributes shadow the methods the pipeline calls on itself and its modules.
         pipe = self.pipe
-        pipe.encode_prompt = _timed(pipe.encode_prompt, self._timer, "text_encode")
+        pipe.encode_prompt = self.prompt_cache.wrap(_timed(pipe.encode_prompt, self._timer, "text_encode"), "text2img")
         pipe.vae.decode = _timed(pipe.vae.decode, self._timer, "vae_decode")
         pipe.vae.encode = _timed(pipe.vae.encode, self._timer, "vae_encode")
-        pipe.transformer.forward = _timed(pipe.transformer.forward, self._timer, "denoise")
+        pipe.transformer.forward = _stepped(_timed(pipe.transformer.forward, self._timer, "denoise"), self._hook)
+
+    @property
+    def cache_settings(self) -> Any:
+        """The server's step-cache settings (MagSettings) requests start from; None: no step cache."""
+        return self.step_cache.settings if self.step_cache is not None else None
+
+    def set_step_cache(self, cache: Any) -> None:
+        """Put a step cache in effect: at load, before serving (and around calibration's table)."""
+        object.__setattr__(self, "step_cache", cache)
 
     def pipeline_for(self, task: str) -> Any:
         """The pipeline that runs `task`: the loaded text-to-image one, or the family's edit
@@ -176,7 +198,7 @@ class PipelineRuntime:
             return self.pipe
         if task not in self._edit_pipes:
             pipe = edit_pipeline(self.pipe, self.family, self.dtype, task)
-            pipe.encode_prompt = _timed(pipe.encode_prompt, self._timer, "text_encode")  # a method of its own
+            pipe.encode_prompt = self.prompt_cache.wrap(_timed(pipe.encode_prompt, self._timer, "text_encode"), task)  # a method of its own
             self._edit_pipes[task] = pipe
         return self._edit_pipes[task]
 
@@ -225,6 +247,8 @@ class PipelineRuntime:
         out["preview_decoder"] = "linear" if self.preview is not None else "full"
         if self.adapters is not None:
             out["lora"] = self.adapters.describe()
+        out["cache"] = self.step_cache.describe() if self.step_cache is not None else {"backend": "none"}
+        out["prompt_cache_size"] = self.prompt_cache.size
         return out
 
     def max_images(self, guidance_scale: float | None, cap: int | None = None) -> int | None:
@@ -262,13 +286,30 @@ class PipelineRuntime:
                 _stop_if(should_stop)
                 calls.append(sum(r.n for _, _, r in chunk))
                 previews = _preview_plan(chunk) if on_preview else {}
-                out, seconds = self._call([r for _, _, r in chunk], should_stop, previews, on_preview)
+                hook = self._step_hook(chunk[0][2])
+                out, seconds = self._call([r for _, _, r in chunk], should_stop, previews, on_preview, hook)
                 it = iter(out)
                 for index, _, r in chunk:
                     images[index].extend(next(it) for _ in range(r.n))
                 for k, v in seconds.items():
                     stages[k] = stages.get(k, 0.0) + v
-        return BatchResult(images, stages, calls, switch)
+            hits = self.prompt_cache.take_counts()
+        return BatchResult(images, stages, calls, switch, (hook.computed, hook.reused), hits)
+
+    def _step_hook(self, request: GenerationRequest, record: bool = False) -> StepHook:
+        """The call's view of the step cache: the request's plan (every request of a batch has the
+        same one: batch_key), from its first step."""
+        plan = self.step_cache.plan(request.steps, request.first_step, request.cache) if self.step_cache is not None else None
+        return StepHook(plan, request.first_step, record)
+
+    def trace(self, requests: list[GenerationRequest], record: bool = False) -> StepHook:
+        """One pipeline call of compatible requests (no previews, no adapters), outside the server:
+        its hook, with the output norms per step when `record`, and the images (`hook.images`)."""
+        hook = self._step_hook(requests[0], record)
+        with self._lock:
+            self._activate(())
+            hook.images, hook.stages = self._call(requests, hook=hook)
+        return hook
 
     def _activate(self, lora: tuple[tuple[str, float], ...]) -> float | None:
         """Put the batch's adapter set into effect (under the lock, between batches)."""
@@ -302,9 +343,11 @@ class PipelineRuntime:
 
     def _call(self, requests: list[GenerationRequest], should_stop: Callable[[], Cancelled | None] | None = None,
               previews: Mapping[int, list[tuple[int, int, int, int]]] | None = None,
-              on_preview: Preview | None = None) -> tuple[list[Any], dict[str, float]]:
+              on_preview: Preview | None = None, hook: StepHook | None = None) -> tuple[list[Any], dict[str, float]]:
         timer = StageTimer(self.device)
         self._timer[0] = timer
+        hook = hook or StepHook(None)
+        self._hook[0] = hook
         t0 = time.perf_counter()
         extra = dict(self.swap.call_kwargs) if self.swap else {}
         if should_stop is not None:
@@ -315,22 +358,22 @@ class PipelineRuntime:
             extra["callback_on_step_end"] = on_step
         pipe = self.pipeline_for(requests[0].task)
         scheduler = pipe.scheduler
-        if previews:
-            scheduler.step = self._previewing_step(pipe, previews, on_preview, requests[0].height, requests[0].width)
+        scheduler.step = self._counting_step(pipe, hook, previews or {}, on_preview, requests[0].height, requests[0].width)
         try:
             with torch.inference_mode():
                 out = pipe(**pipeline_kwargs(requests), **extra)
         finally:
             self._timer[0] = None
+            self._hook[0] = None
             scheduler.__dict__.pop("step", None)
         seconds = dict(timer.seconds)
         seconds["total"] = time.perf_counter() - t0
         return list(out.images), seconds
 
-    def _previewing_step(self, pipe: Any, previews: Mapping[int, list[tuple[int, int, int, int]]], on_preview: Preview,
-                         height: int, width: int) -> Callable[..., Any]:
-        """The scheduler's own step, which also decodes the predicted clean latents at the
-        preview steps. Every served family samples with flow matching, where the clean
+    def _counting_step(self, pipe: Any, hook: StepHook, previews: Mapping[int, list[tuple[int, int, int, int]]],
+                       on_preview: Preview | None, height: int, width: int) -> Callable[..., Any]:
+        """The scheduler's own step, which also ends the step cache's step (`hook`) and decodes the
+        predicted clean latents at the preview steps. Every served family samples with flow matching, where the clean
         prediction is x0 = x_t - sigma_t * v: exact, whatever CFG the pipeline combined v from.
         Decoded by the linear map where there is one (small previews), else by the VAE as the
         final image is (full-size previews)."""
@@ -339,6 +382,7 @@ class PipelineRuntime:
 
         def step(model_output: Any, timestep: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
             out = real(model_output, timestep, sample, *args, **kwargs)
+            hook.end_step()
             wanted = previews.get(scheduler.step_index - 1)
             if wanted:
                 sigma = scheduler.sigmas[scheduler.step_index - 1].to(device=sample.device, dtype=torch.float32)
@@ -354,6 +398,15 @@ class PipelineRuntime:
             return out
 
         return step
+
+
+def _stepped(fn: Callable, hook_ref: list[StepHook | None]) -> Callable:
+    """The transformer's forward through the call's step hook (reuse, recording), if any."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        hook = hook_ref[0]
+        return fn(*args, **kwargs) if hook is None else hook.forward(fn, args, kwargs)
+
+    return wrapper
 
 
 def _preview_plan(chunk: list[tuple[int, int, GenerationRequest]]) -> dict[int, list[tuple[int, int, int, int]]]:
@@ -416,7 +469,11 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
     # Before PipelineRuntime hooks its stage timers on: those stay outside the compiled graphs.
     compiled = compile_pipeline(pipe, family, device, options.warmup_size) if torch_compile else None
     adapters = _adapters(pipe, options.lora, swap, compiled) if options.lora else None
-    return PipelineRuntime(model, family, pipe, device, dtype, swap=swap, compiled=compiled, preview=preview, adapters=adapters)
+    runtime = PipelineRuntime(model, family, pipe, device, dtype, swap=swap, compiled=compiled, preview=preview, adapters=adapters,
+                              prompt_cache=PromptCache(options.prompt_cache_size))
+    if options.cache.settings is not None:  # after the hooks: calibration runs through them
+        runtime.set_step_cache(step_cache_for(runtime, options.cache))
+    return runtime
 
 
 def _adapters(pipe: Any, lora: LoraOptions, swap: EngineSwap | None, compiled: CompileInfo | None) -> Any:

@@ -8,11 +8,12 @@ into a `GenerationRequest` for the family, so defaults and messages are the same
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import RequestError
 from ..models import SizeLimits, parse_size
+from .stepcache import MagSettings, request_settings
 from ..models.base import FIELD_GUIDANCE, FIELD_NEGATIVE_PROMPT, FIELD_TRUE_CFG, REFERENCE_TASK, Family
 
 MAX_IMAGES = 10
@@ -81,9 +82,12 @@ class GenerationRequest:
     mask: Any = field(default=None, compare=False, repr=False)
     strength: float | None = None
     request_id: str = field(default="", compare=False)
+    route: str = field(default="", compare=False)  # what the request came by (metrics' label)
     lora: tuple[tuple[str, float], ...] = ()  # the adapter set (omni_trt.lora.AdapterSet): sorted, no zero scales
     # Reference edits (Edits.references): the input images, together, for the pipeline's own `image`.
     references: tuple = field(default=(), compare=False, repr=False)
+    # The step cache's settings for this request (runtime.stepcache.MagSettings); None: uncached.
+    cache: Any = None
 
     @property
     def task(self) -> str:
@@ -97,7 +101,7 @@ class GenerationRequest:
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
         return (self.task, self.strength, self.width, self.height, self.steps, self.guidance_scale, self.true_cfg_scale,
-                self.negative_prompt is None, self.lora, tuple(map(id, self.references)))
+                self.negative_prompt is None, self.lora, tuple(map(id, self.references)), self.cache)
 
     @property
     def first_step(self) -> int:
@@ -156,6 +160,7 @@ class ImageAsk:
     strength: float | None = None
     prompt_param: str = "prompt"
     lora: Any = None  # the `lora` field as sent; omni_trt.lora parses it against the server's adapters
+    cache: Any = None  # the `cache` field as sent; runtime.stepcache.request_settings reads it against the server's
 
 
 def first_step(steps: int, strength: float | None) -> int:
@@ -264,12 +269,15 @@ def fit_inputs(image: Any, mask: Any, width: int, height: int) -> tuple[Any, Any
 
 
 def resolve(family: Family, ask: ImageAsk, *, limits: SizeLimits | None = None, caps: RequestCaps | None = None,
-            image: Any = None, mask: Any = None, request_id: str = "") -> GenerationRequest:
+            image: Any = None, mask: Any = None, request_id: str = "", cache: MagSettings | None = None,
+            route: str = "") -> GenerationRequest:
     """Fill the family's defaults and validate. Fields that do not apply to the family (e.g.
     true_cfg_scale for Z-Image) are dropped, not errors: generic clients send them to every model.
-    Token counts need the tokenizer: the caller checks them."""
+    Token counts need the tokenizer: the caller checks them. cache: the server's step-cache
+    settings, which the request's `cache` field keeps, changes or turns off."""
     try:
-        return _resolve(family, ask, limits or SizeLimits.of(family), caps or RequestCaps(), image, mask, request_id)
+        out = _resolve(family, ask, limits or SizeLimits.of(family), caps or RequestCaps(), image, mask, request_id)
+        return replace(out, cache=request_settings(ask.cache, cache), route=route)
     except RequestError as e:
         if e.param == "prompt":
             e.param = ask.prompt_param
