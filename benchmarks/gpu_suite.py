@@ -22,6 +22,11 @@ suite goes on):
   7. --lora (opt-in): LoRA adapters on TensorRT: a one-layer real-shape Z-Image (full width) built
      with --refittable, then benchmarks/lora.py on it: base generation, one adapter steady, the
      first request after a switch (its refit seconds), two adapters. Skipped where no TensorRT runs.
+  8. --cache (opt-in): the step cache: `omni calibrate-cache` on the Z-Image real-shape model (its
+     engines where step 3 built them, else torch) at the bench size, 20 and 50 steps: calibration
+     seconds, then per threshold transformer calls, seconds, speed-up and PSNR/SSIM against
+     uncached. With --family NAME it runs on that family's model too (e.g. qwen-image), before the
+     model is removed.
 
 --tiny runs the same steps on the tiny demo model on CPU (64x64, 2 steps, 4 requests, the VAE decoder
 alone exported; ONNX Runtime on CPU stands in for CUDA), so `make test` keeps the suite from rotting.
@@ -72,12 +77,12 @@ class Plan:
 
 
 GPU = Plan("1024x1024", 9, 3, "512x512", 9, 8, True,
-           caps={"probe": 120, "model": 180, "engines": 300, "bench": 330, "concurrency": 120, "family": 420, "lora": 420})
+           caps={"probe": 120, "model": 180, "engines": 300, "bench": 330, "concurrency": 120, "family": 420, "lora": 420, "cache": 420})
 TINY = Plan("64x64", 2, 2, "64x64", 2, 4, False,
-            caps={"probe": 90, "model": 60, "engines": 120, "bench": 180, "concurrency": 90, "family": 120, "lora": 60})
+            caps={"probe": 90, "model": 60, "engines": 120, "bench": 180, "concurrency": 90, "family": 120, "lora": 60, "cache": 90})
 # Time kept back for the later steps while an earlier one runs: the comparison (bench) and the
 # concurrency figure are what the suite is for, so model or engine builds cannot eat them.
-RESERVE = {"probe": 300, "model": 240, "engines": 200, "bench": 60, "concurrency": 0, "family": 0, "lora": 0}
+RESERVE = {"probe": 300, "model": 240, "engines": 200, "bench": 60, "concurrency": 0, "family": 0, "lora": 0, "cache": 0}
 
 
 class StepError(Exception):
@@ -86,8 +91,9 @@ class StepError(Exception):
 
 class Suite:
     def __init__(self, plan: Plan, tiny: bool, budget_s: float, out: Path, work: Path, families: tuple[str, ...] = (),
-                 lora: bool = False) -> None:
+                 lora: bool = False, cache: bool = False) -> None:
         self.plan, self.tiny, self.out, self.work, self.families, self.with_lora = plan, tiny, out, work, families, lora
+        self.with_cache = cache
         self.started = time.monotonic()
         self.deadline = self.started + budget_s
         self.report: dict[str, Any] = {"suite": "omni-trt gpu suite", "tiny": tiny, "budget_s": budget_s,
@@ -310,6 +316,8 @@ class Suite:
                      timeout, f"model-{name}")
             self.run(["-m", "omni_trt", "bench", str(model_dir), "--runtimes", "torch", "--size", self.plan.bench_size, "--batch", "1",
                       "--warmup", "1", "--repeats", str(self.plan.repeats), "--out", str(out)], deadline - time.monotonic(), f"bench-{name}")
+            if self.with_cache:
+                self.step(f"cache {name}", lambda t: self.cache(min(t, deadline - time.monotonic()), str(model_dir), None, name))
         finally:
             shutil.rmtree(model_dir, ignore_errors=True)  # disk: a real-shape model is tens of GB
         report = json.loads(out.read_text())
@@ -339,6 +347,16 @@ class Suite:
             shutil.rmtree(engine_dir, ignore_errors=True)
         return json.loads(out.read_text())
 
+    def cache(self, timeout: float, model_dir: str, engine_dir: str | None, name: str = "z-image") -> dict[str, Any]:
+        """The step cache on a real-shape model: `omni calibrate-cache`'s table as JSON (20 and 50
+        steps at the bench size; --tiny: 2 and 4 steps)."""
+        out = self.work / f"cache-{name}.json"
+        steps = ["2", "4"] if self.tiny else ["20", "50"]
+        where = ["--engine-dir", engine_dir] if engine_dir else []
+        self.run(["-m", "omni_trt", "calibrate-cache", model_dir, *where, "--size", self.plan.bench_size, "--steps", *steps,
+                  "--thresholds", "0.06", "0.12", "0.24", "--out", str(out)], timeout, f"cache-{name}")
+        return json.loads(out.read_text())
+
     # ---- the whole ----
 
     def main(self) -> dict[str, Any]:
@@ -351,6 +369,8 @@ class Suite:
             engines_why = record.get("skipped") or record.get("error")
             self.step("bench", lambda t: self.bench(t, model["dir"], engine_dir, engines_why))
             self.step("concurrency", lambda t: self.concurrency(t, model["dir"]))
+            if self.with_cache:
+                self.step("cache", lambda t: self.cache(t, model["dir"], engine_dir))
         for name in self.families:
             self.step(f"family {name}", lambda t, name=name: self.family(t, name))
         if self.with_lora:
@@ -487,13 +507,15 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=None, help="seconds for the whole suite (default: 480, --tiny: 300)")
     ap.add_argument("--family", action="append", default=[], help="also bench this family's real-shape pipeline on torch (repeatable)")
     ap.add_argument("--lora", action="store_true", help="also measure LoRA adapters refit into a refittable TensorRT engine")
+    ap.add_argument("--cache", action="store_true", help="also measure the step cache (omni calibrate-cache) on the real-shape models")
     ap.add_argument("--work", default=None, help="where the model, engines and logs go (default: a temporary folder, removed after)")
     args = ap.parse_args()
     plan = TINY if args.tiny else GPU
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="omni-gpu-suite-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        report = Suite(plan, args.tiny, args.budget or (300.0 if args.tiny else 480.0), Path(args.out), work, tuple(args.family), args.lora).main()
+        report = Suite(plan, args.tiny, args.budget or (300.0 if args.tiny else 480.0), Path(args.out), work, tuple(args.family), args.lora,
+                       args.cache).main()
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

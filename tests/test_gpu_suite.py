@@ -15,7 +15,7 @@ import pytest
 from omni_trt.bench import STAGE_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"probe", "model", "engines", "bench", "concurrency"}
+STEPS = {"probe", "model", "engines", "bench", "concurrency", "cache"}
 
 
 def _numbers(value, path="figures"):
@@ -32,7 +32,7 @@ def tiny_suite(tmp_path_factory):
     """One `gpu_suite.py --tiny` run: (its report, its work dir, the process result)."""
     tmp = tmp_path_factory.mktemp("suite")
     out, work = tmp / "suite.json", tmp / "work"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny", "--out", str(out), "--work", str(work)],
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--tiny", "--cache", "--out", str(out), "--work", str(work)],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.is_file(), r.stderr[-3000:]
     return json.loads(out.read_text()), work, r
@@ -59,6 +59,11 @@ def test_gpu_suite_tiny_runs_every_step_into_one_json(tiny_suite):
     assert bench["baseline"] == "torch" and set(bench["speedup_vs_torch"]) == {"torch-compile", "onnxruntime"}
     conc = steps["concurrency"]
     assert conc["requests"] == 4 and conc["runtime"] == "torch" and 1 <= conc["concurrent_pipeline_calls"] <= 4, conc
+    cache = steps["cache"]  # --cache: omni calibrate-cache's table, kept in the engine dir's manifest
+    assert set(cache["by_steps"]) == {"2", "4"} and cache["kept_in"].startswith("the manifest"), cache
+    for n, rows in cache["by_steps"].items():
+        assert [r["threshold"] for r in rows] == [0.0, 0.06, 0.12, 0.24]
+        assert rows[0]["computed"] == int(n) and rows[0]["reused"] == 0 and all(r["computed"] + r["reused"] == int(n) for r in rows)
 
     figures = report["figures"]
     assert set(figures["bench_total_ms"]) == {"torch", "torch-compile", "onnxruntime"}

@@ -240,3 +240,28 @@ def test_the_key_field_appears_when_the_server_needs_one(runtime, page):
         expect(page.locator("figure[data-state='final'] a[download]")).to_have_count(1)
         assert page.evaluate("sessionStorage.getItem('omni-trt-api-key')") == "sekret"  # this tab only
         assert "sekret" not in page.content()  # never written into the document
+
+
+def test_the_cache_switch_shows_steps_computed_and_reused(page, tmp_path):
+    """A server with a step cache: the switch appears, each final image says its steps computed and
+    reused, and switched off every step runs."""
+    from omni_trt.runtime.pipeline import LoadOptions, load_pipeline
+    from omni_trt.runtime.stepcache import parse_cache_config
+    from omni_trt.demo import ensure_demo_model
+
+    # Given ratios (a flat curve): no calibration at load, and every step after the first may be reused.
+    config = parse_cache_config("mag_cache", '{"mag_ratios": [1, 1, 1, 1, 1, 1], "mag_retention_ratio": 0}')
+    rt = load_pipeline(str(ensure_demo_model()), LoadOptions(device="cpu", cache=config))
+    with live_server(lambda: rt, served_model_name="demo") as live:
+        page.goto(live.url + "/")
+        expect(page.locator("#size option[value='64x64']")).to_have_count(1)
+        switch = page.get_by_label("Step cache")
+        expect(switch).to_be_checked()
+        fill(page, "a red circle on a blue background", "64x64", steps=6, partials=0, seed=1)
+        page.get_by_role("button", name="Generate").click()
+        caption = page.locator("figure[data-index='0'] figcaption span")
+        expect(caption).to_have_text(re.compile(r"final, 64x64, steps computed (\d) / reused [1-5]$"))
+        switch.uncheck()
+        page.get_by_role("button", name="Generate").click()
+        expect(caption).to_have_text("final, 64x64, steps computed 6 / reused 0")
+        assert page.problems == []

@@ -18,7 +18,7 @@ from ..runtime.pipeline import STAGES, BatchResult, PipelineRuntime
 from ..runtime.request import GenerationRequest
 from .contract import DRAINING, Caller, ServerOptions
 from .metrics import Metrics
-from .protocol import ImageUsage, InputTokensDetails
+from .protocol import DenoiseSteps, ImageUsage, InputTokensDetails
 from .scheduler import Job, QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class Admitted:
     prompt_tokens: int
     image_tokens: int
     arrived: float
+    show_steps: bool = False  # a step cache runs: responses say the steps computed and reused
 
     @property
     def request(self) -> GenerationRequest:
@@ -69,9 +70,13 @@ class Admitted:
         return ImageUsage(input_tokens=self.prompt_tokens, input_tokens_details=InputTokensDetails(text_tokens=self.prompt_tokens),
                           output_tokens=out, total_tokens=self.prompt_tokens + out)
 
-    def describe(self) -> dict[str, str]:
+    def describe(self) -> dict[str, Any]:
         r = self.request
-        return {"size": r.size, "quality": r.quality, "background": "opaque", "output_format": r.output_format}
+        out: dict[str, Any] = {"size": r.size, "quality": r.quality, "background": "opaque", "output_format": r.output_format}
+        steps = self.jobs[0].steps if self.jobs else None
+        if self.show_steps and steps is not None:
+            out["denoise_steps"] = DenoiseSteps(computed=steps[0], reused=steps[1])
+        return out
 
 
 class Admission:
@@ -219,5 +224,10 @@ class Admission:
             m.lora_switch_seconds.observe(result.lora_switch)
         for name, _ in jobs[0].request.lora:  # one adapter set per batch
             m.lora_requests.labels(adapter=name).inc(len(jobs))
+        for job in jobs:  # one plan per batch: every request ran the same steps
+            for outcome, n in zip(("computed", "reused"), result.steps):
+                m.denoise_steps.labels(outcome=outcome, route=job.request.route or "other").inc(n)
+        for outcome, n in zip(("hit", "miss"), result.prompt_cache):
+            m.prompt_cache.labels(result=outcome).inc(n)
         total = result.stages.get("total", 0.0)
         self.batch_seconds_ema = total if self.batch_seconds_ema is None else 0.8 * self.batch_seconds_ema + 0.2 * total

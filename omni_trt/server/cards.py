@@ -40,6 +40,9 @@ class RuntimeInfo(BaseModel):
                                         "at most 512 px) or full (the VAE decoder, full size).")
     lora: dict[str, Any] | None = Field(None, description="LoRA adapters: how a set is applied (set_adapters, onnxruntime session, "
                                         "tensorrt refit), switches so far, and the merged sessions held (onnxruntime).")
+    cache: dict[str, Any] | None = Field(None, description="The step cache: backend (none or mag_cache), its mag_* settings, the step "
+                                         "counts calibrated and where the calibration came from.")
+    prompt_cache_size: int | None = Field(None, description="Text-encoder outputs kept for repeated prompts (0: none).")
 
 
 class ModelCard(RuntimeInfo):

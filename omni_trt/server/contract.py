@@ -21,6 +21,8 @@ MAX_QUEUE = 64
 MAX_BATCH_SIZE = 4
 DRAINING = "the server is shutting down; retry on another replica or later"
 # Always accepted as the served model's name, never listed: vLLM-Omni's benchmark client sends it.
+# The image routes, as metrics label what each request came by.
+GENERATIONS, EDITS, CHAT = "/v1/images/generations", "/v1/images/edits", "/v1/chat/completions"
 DEFAULT_MODEL = "default"
 
 T = TypeVar("T")

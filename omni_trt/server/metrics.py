@@ -29,6 +29,11 @@ class Metrics:
         self.lora_switches = Counter("omni_lora_switches", "Adapter-set changes between batches", registry=r)
         self.lora_switch_seconds = Histogram("omni_lora_switch_seconds", "Time per adapter-set change", buckets=STAGE_BUCKETS, registry=r)
         self.lora_requests = Counter("omni_lora_requests", "Requests run with a LoRA adapter, by adapter", ["adapter"], registry=r)
+        # The step cache: each request's denoising steps, computed (the transformer ran) or reused (its last output).
+        self.denoise_steps = Counter("omni_denoise_steps", "Denoising steps of requests, computed or reused (step cache), by route",
+                                     ["outcome", "route"], registry=r)
+        self.prompt_cache = Counter("omni_prompt_cache", "Text-encoder calls answered by the prompt cache (hit) or run (miss)",
+                                    ["result"], registry=r)
 
     def observe_request(self, path: str, status: int) -> None:
         self.requests.labels(route=path if path in KNOWN_ROUTES else "other", status=str(status)).inc()

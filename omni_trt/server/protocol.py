@@ -51,13 +51,17 @@ class ImageParams(BaseModel):
     output_format: Literal["png", "jpeg", "webp"] = Field("png", description="Encoding of the returned images.")
     output_compression: int | None = Field(None, ge=0, le=100, description="0..100: PNG zlib effort, or 100 - quality for JPEG/WebP.")
     lora: Any = Field(None, description="LoRA adapters: {name, scale (-4..4, default 1), path} or a list of them, or an adapter's name (README: LoRA).")
+    cache: Any = Field(None, description=(
+        "The step cache for this request (servers started with --cache-backend mag_cache): false runs every step (the exact "
+        "uncached image); true or absent: the server's settings; an object overrides them: mag_threshold (0..2), "
+        "mag_max_skip_steps (0..10), mag_retention_ratio (0..1). On edits, a form field holding the same JSON."))
 
     def _params(self) -> dict[str, Any]:
         """These fields as ImageAsk's keywords."""
         return dict(steps=self.num_inference_steps, guidance_scale=self.guidance_scale, true_cfg_scale=self.true_cfg_scale,
                     negative_prompt=self.negative_prompt, seed=self.seed, output_format=self.output_format,
                     output_compression=self.output_compression, quality=DALL_E_QUALITY.get(self.quality, self.quality),
-                    background=self.background, lora=self.lora)
+                    background=self.background, lora=self.lora, cache=self.cache)
 
 
 class ImageRequestBody(ImageParams):
@@ -213,6 +217,14 @@ class ImageUsage(BaseModel):
     total_tokens: int
 
 
+class DenoiseSteps(BaseModel):
+    """An extension on servers with a step cache: the request's denoising steps that called the
+    transformer and those that reused its last output."""
+
+    computed: int
+    reused: int
+
+
 class ImagesResponse(BaseModel):
     created: int = Field(description="Unix time of the response.")
     data: list[ImageData] = Field(description="One entry per image, in order.")
@@ -221,6 +233,7 @@ class ImagesResponse(BaseModel):
     background: str = Field(description="opaque: every served model makes opaque images.")
     output_format: str
     usage: ImageUsage
+    denoise_steps: DenoiseSteps | None = Field(None, exclude_if=lambda v: v is None, description="With a step cache: steps computed and reused per image.")
 
 
 class PartialImageEvent(BaseModel):
@@ -249,6 +262,7 @@ class CompletedImageEvent(BaseModel):
     background: str
     output_format: str
     usage: ImageUsage
+    denoise_steps: DenoiseSteps | None = Field(None, exclude_if=lambda v: v is None, description="With a step cache: steps computed and reused for this image.")
 
 
 class ImageURL(BaseModel):

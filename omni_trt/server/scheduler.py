@@ -54,6 +54,7 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: Cancelled | None = None  # why it was abandoned, once it is
     previews: asyncio.Queue | None = None  # (image index, partial index, PIL image), for streams
+    steps: tuple[int, int] | None = None  # denoising steps (computed, reused), once run
     _sent: set = field(default_factory=set)  # a batch retried per request makes its previews again
 
     def _soon(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -228,6 +229,7 @@ class Scheduler:
             if job.cancelled:
                 job.settle(Outcome(error=job.cancelled))  # its images are dropped
             else:
+                job.steps = result.steps
                 job.settle(Outcome(images))
         if self.on_batch:
             self.on_batch(batch, result, started)

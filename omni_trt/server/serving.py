@@ -24,7 +24,7 @@ from ..runtime.request import SEED_LIMIT, check_text, edit_inputs, GenerationReq
 from .adapters import adapter_cards, adapter_names, request_adapters
 from .admission import Admission, Admitted
 from .chat import ChatShape, chat_chunks, chat_request, chat_response
-from .contract import DEFAULT_MODEL, Answer, Caller, EditFiles, ServerOptions, Stream
+from .contract import CHAT, DEFAULT_MODEL, EDITS, GENERATIONS, Answer, Caller, EditFiles, ServerOptions, Stream
 from .encoding import encode_b64
 from .inputs import MAX_INPUT_IMAGES, as_rgb, check_remote_url, decode_data_url, edit_mask, fetch_image, open_image
 from .metrics import Metrics
@@ -161,23 +161,23 @@ class ImageServing:
     # ---- the endpoints ----
 
     async def create_images(self, caller: Caller, body: ImageGenerationBody) -> Answer:
-        a = await self._admit(caller, body.model, body.ask(), f"images user={user_text(body.user)}")
+        a = await self._admit(caller, body.model, body.ask(), f"images user={user_text(body.user)}", GENERATIONS)
         return await self._images_response(a, caller)
 
     async def stream_images(self, caller: Caller, body: ImageGenerationBody) -> Stream:
-        a = await self._admit(caller, body.model, body.ask(), f"images user={user_text(body.user)}", stream=True)
+        a = await self._admit(caller, body.model, body.ask(), f"images user={user_text(body.user)}", GENERATIONS, stream=True)
         return self._events(a, caller, job_events(a, "generation", self._encode, self.admission.result)), self._headers(a)
 
     async def create_edit(self, caller: Caller, form: ImageEditForm, files: EditFiles, mask: bytes | None) -> Answer:
         self._ready()
         inputs = await self._edit_inputs(files, mask)
-        a = await self._admit(caller, form.model, form.ask(), f"edit user={user_text(form.user)}", inputs=inputs)
+        a = await self._admit(caller, form.model, form.ask(), f"edit user={user_text(form.user)}", EDITS, inputs=inputs)
         return await self._images_response(a, caller)
 
     async def stream_edit(self, caller: Caller, form: ImageEditForm, files: EditFiles, mask: bytes | None) -> Stream:
         self._ready()
         inputs = await self._edit_inputs(files, mask)
-        a = await self._admit(caller, form.model, form.ask(), f"edit user={user_text(form.user)}", stream=True, inputs=inputs)
+        a = await self._admit(caller, form.model, form.ask(), f"edit user={user_text(form.user)}", EDITS, stream=True, inputs=inputs)
         return self._events(a, caller, job_events(a, "edit", self._encode, self.admission.result)), self._headers(a)
 
     async def create_chat(self, caller: Caller, body: ChatBody) -> Answer:
@@ -197,7 +197,7 @@ class ImageServing:
         prompt, params, urls = chat_request(body)
         # A user image makes the chat an edit of it (vLLM-Omni's chat clients ask for edits so).
         inputs = await self._edit_inputs(await self._chat_images(urls), None) if urls else None
-        a = await self._admit(caller, body.model, params.ask(prompt), "chat", stream=stream, inputs=inputs)
+        a = await self._admit(caller, body.model, params.ask(prompt), "chat", CHAT, stream=stream, inputs=inputs)
         usage = a.usage()
         shape = ChatShape(f"chatcmpl-{a.request.request_id}", self.options.served_model_name, params.n, params.num_outputs_per_prompt,
                           a.request.output_format, ChatUsage(prompt_tokens=a.prompt_tokens, completion_tokens=usage.output_tokens,
@@ -206,7 +206,7 @@ class ImageServing:
 
     # ---- the shared request sequence ----
 
-    async def _admit(self, caller: Caller, model: str | None, ask: ImageAsk, what: str, stream: bool = False,
+    async def _admit(self, caller: Caller, model: str | None, ask: ImageAsk, what: str, route: str, stream: bool = False,
                      inputs: Inputs | None = None) -> Admitted:
         """ready -> check model -> resolve and bound -> queue. Every refusal (4xx, 429, 503)
         happens here, before a response (or a stream) starts. Each input image of an edit is
@@ -223,7 +223,7 @@ class ImageServing:
             if j:
                 ask = dataclasses.replace(ask, seed=(requests[0].seed + j * requests[0].n) % SEED_LIMIT)
             requests.append(resolve(runtime.family, ask, limits=runtime.limits, caps=self.caps, image=image, mask=mask,
-                                    request_id=request_id if not j else f"{request_id}-{j}"))
+                                    request_id=request_id if not j else f"{request_id}-{j}", cache=runtime.cache_settings, route=route))
         lora = await request_adapters(runtime, ask.lora, model, self.encode_pool)
         requests = [dataclasses.replace(r, lora=lora) for r in requests] if lora else requests
         req = requests[0]
@@ -232,7 +232,8 @@ class ImageServing:
                  req.seed, f" {req.task} images={len(requests)} strength={req.strength:g}" if req.image is not None else "",
                  f" stream partial_images={req.partial_images}" if stream else "", f" lora={describe(lora)}" if lora else "")
         jobs = self.admission.submit(requests, stream)
-        return Admitted(requests, jobs, tokens, runtime.family.image_tokens(req.width, req.height), arrived)
+        return Admitted(requests, jobs, tokens, runtime.family.image_tokens(req.width, req.height), arrived,
+                        show_steps=runtime.step_cache is not None)
 
     async def _check_tokens(self, runtime: PipelineRuntime, req: GenerationRequest, prompt_param: str) -> int:
         """Prompts the model cannot read whole are refused before they are queued (the pipelines

@@ -68,6 +68,7 @@ async function loadModel() {
   showError("");
   $("model").textContent = `${card.id} (${card.family}, ${card.runtime} on ${card.device}). Sizes: ${card.sizes}.`;
   fillSizes(card);
+  $("cache-box").hidden = card.cache?.backend !== "mag_cache"; // the switch only where the server runs a step cache
   if ($("steps").value === "") $("steps").value = card.defaults.num_inference_steps; // keep what the user typed
 }
 
@@ -174,7 +175,8 @@ function show(fig, event, data, run) {
   } else {
     fig.dataset.state = "final";
     img.alt = `Image ${i + 1} of ${run.n}, final`;
-    text.textContent = `final, ${data.size}`;
+    const steps = data.denoise_steps;
+    text.textContent = `final, ${data.size}` + (steps ? `, steps computed ${steps.computed} / reused ${steps.reused}` : "");
     const link = fig.querySelector("a");
     const ext = data.output_format === "jpeg" ? "jpg" : data.output_format;
     link.href = url;
@@ -205,6 +207,7 @@ function requestBody() {
   if ($("size").value) body.size = $("size").value;
   if ($("steps").value !== "") body.num_inference_steps = Number($("steps").value);
   if ($("seed").value !== "") body.seed = Number($("seed").value);
+  if (!$("cache-box").hidden && !$("cache").checked) body.cache = false;
   return body;
 }
 
