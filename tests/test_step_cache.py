@@ -205,6 +205,18 @@ def test_bad_cache_values_are_refused_naming_cache(demo_cached, server):
     assert http.get("/health").status_code == 200  # still serving
 
 
+def test_an_edit_plans_the_steps_its_strength_runs(demo_cached):
+    _, http = demo_cached
+    r = http.post("/v1/images/edits", files={"image": ("a.png", _png(), "image/png")},
+                  data={"prompt": "a red circle on a blue background", "num_inference_steps": "20", "strength": "0.5", "seed": "1"})
+    steps = r.json()["denoise_steps"]
+    assert r.status_code == 200 and steps["computed"] + steps["reused"] == 10 and steps["reused"] > 0, r.text
+    off = http.post("/v1/images/edits", files={"image": ("a.png", _png(), "image/png")},
+                    data={"prompt": "a red circle on a blue background", "num_inference_steps": "20", "strength": "0.5", "seed": "1",
+                          "cache": "false"})
+    assert off.json()["denoise_steps"] == {"computed": 10, "reused": 0}
+
+
 def _png() -> bytes:
     import io
 
@@ -262,3 +274,21 @@ def test_calibration_round_trips_through_the_manifest_and_runs_on_engines(built,
     zero = cached.generate([GenerationRequest("a cat", 64, 64, 6, 1, cache=MagSettings(threshold=0))])
     base = plain.generate([GenerationRequest("a cat", 64, 64, 6, 1)])
     assert zero.steps == (6, 0) and np.array_equal(np.asarray(zero.images[0][0]), np.asarray(base.images[0][0]))
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2-klein", "qwen-image", "sd3", "z-image"])
+def test_every_family_reuses_steps_with_cfg(family, tiny_dir):
+    """Each family's tiny pipeline with a flat curve (every step reusable): steps reused, with CFG
+    where the family has it (Qwen-Image and FLUX.1 true CFG: two transformer calls a step, reused
+    together; the others batch CFG into one call). Exactness against uncached is the servers' test."""
+    from omni_trt.models import family_by_name
+    from omni_trt.runtime.pipeline import LoadOptions, load_pipeline
+    from omni_trt.runtime.request import ImageAsk, resolve
+
+    config = parse_cache_config("mag_cache", '{"mag_ratios": [1, 1, 1], "mag_retention_ratio": 0}')
+    rt = load_pipeline(str(tiny_dir(family)), LoadOptions(device="cpu", cache=config), family=family_by_name(family))
+    cfg = {"negative_prompt": "blurry", "true_cfg_scale": 2.0, "guidance_scale": 2.0}
+    ask = ImageAsk("a cat", size="64x64", steps=3, seed=5, **{k: v for k, v in cfg.items() if k in rt.family.fields})
+    hook = rt.trace([resolve(rt.family, ask, limits=rt.limits, cache=rt.cache_settings)])
+    assert (hook.computed, hook.reused) == (1, 2) and np.isfinite(np.asarray(hook.images[0])).all()
+    assert hook.calls == (2 if "true_cfg_scale" in rt.family.fields else 1)  # the first step's calls; reuses make none

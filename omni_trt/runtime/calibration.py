@@ -159,7 +159,7 @@ def step_cache_for(runtime: Any, config: CacheConfig) -> StepCache | None:
     if config.settings is None:
         return None
     if config.ratios is not None:
-        return StepCache(config.settings, {len(config.ratios): config.ratios}, "--cache-config mag_ratios")
+        return StepCache(config.settings, {len(config.ratios): config.ratios}, source="--cache-config mag_ratios")
     found = load_calibration(runtime)
     if found is None:
         entry = calibrate(runtime, [runtime.family.defaults.steps])
