@@ -194,46 +194,48 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
     return float(s.mean())
 
 
-def _timed_images(runtime: Any, requests: list[GenerationRequest]) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """The requests' images, one call each, and what they cost: seconds end to end and in the
-    transformer (denoise), transformer calls (all requests), steps computed and reused (each)."""
-    images: list[np.ndarray] = []
-    cost = {"seconds": 0.0, "denoise_seconds": 0.0, "loop_seconds": 0.0, "calls": 0, "computed": 0, "reused": 0}
-    for r in requests:
-        t0 = time.perf_counter()
-        hook = runtime.trace([r])
-        cost["seconds"] += time.perf_counter() - t0
-        cost["denoise_seconds"] += hook.stages.get("denoise", 0.0)
-        # the denoising loop: the call less text encoding and VAE decoding (the rule and its reuses included)
-        cost["loop_seconds"] += hook.stages["total"] - hook.stages.get("text_encode", 0.0) - hook.stages.get("vae_decode", 0.0)
-        cost["calls"] += hook.calls
-        cost["computed"], cost["reused"] = hook.computed, hook.reused
-        images += [np.asarray(im.convert("RGB")) for im in hook.images]
-    return images, cost
+def _cost(hook: Any, seconds: float) -> dict[str, Any]:
+    """What one traced call cost: seconds end to end and in the transformer (denoise) and in the
+    denoising loop (the call less text encoding and VAE decoding: the rule and its reuses
+    included), transformer calls, steps computed and reused."""
+    stages = hook.stages
+    return {"seconds": seconds, "denoise_seconds": stages.get("denoise", 0.0),
+            "loop_seconds": stages["total"] - stages.get("text_encode", 0.0) - stages.get("vae_decode", 0.0),
+            "calls": hook.calls, "computed": hook.computed, "reused": hook.reused}
 
 
 def evaluate(runtime: Any, entry: StepCacheEntry, steps: int, prompts: Sequence[str] = PROMPTS,
              thresholds: Sequence[float] = THRESHOLDS, size: tuple[int, int] | None = None, seed: int = 0,
              base: MagSettings | None = None) -> list[dict[str, Any]]:
-    """Per threshold (0 first: the uncached reference): steps computed and reused, seconds,
-    speed-up over uncached, mean PSNR and SSIM against the uncached images."""
+    """Per threshold (0 first: the uncached reference): steps computed and reused, seconds (each
+    prompt runs at every threshold back to back, so a burst of load on a shared machine falls on
+    all of them), speed-up over uncached, mean PSNR and SSIM against the uncached images."""
     family: Family = runtime.family
     width, height = size or (family.defaults.width, family.defaults.height)
     base = base or MagSettings()
-    cache = StepCache.of(base, entry)
+    settings = [None, *(replace(base, threshold=t) for t in thresholds)]
     saved = runtime.step_cache
-    runtime.set_step_cache(cache)
+    runtime.set_step_cache(StepCache.of(base, entry))
+    images: list[list[np.ndarray]] = [[] for _ in settings]
+    totals: list[dict[str, Any]] = [{} for _ in settings]
     try:
-        reference, ref = _timed_images(runtime, _requests(runtime, prompts, width, height, steps, seed, None))
-        rows = [{"threshold": 0.0, **ref, "speedup": 1.0, "psnr": float("inf"), "ssim": 1.0, "images": reference}]
-        for t in thresholds:
-            settings = replace(base, threshold=t)
-            images, cost = _timed_images(runtime, _requests(runtime, prompts, width, height, steps, seed, settings))
-            rows.append({"threshold": t, **cost, "speedup": round(ref["seconds"] / cost["seconds"], 3) if cost["seconds"] else None,
-                         "psnr": round(float(np.mean([psnr(a, b) for a, b in zip(reference, images)])), 2),
-                         "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(reference, images)])), 4), "images": images})
+        for i, prompt in enumerate(prompts):
+            for j, s in enumerate(settings):
+                request = _requests(runtime, [prompt], width, height, steps, seed + i, s)
+                t0 = time.perf_counter()
+                hook = runtime.trace(request)
+                cost = _cost(hook, time.perf_counter() - t0)
+                totals[j] = {k: totals[j].get(k, 0) + v for k, v in cost.items() if k not in ("computed", "reused")}
+                totals[j].update(computed=cost["computed"], reused=cost["reused"])
+                images[j] += [np.asarray(im.convert("RGB")) for im in hook.images]
     finally:
         runtime.set_step_cache(saved)
+    reference = images[0]
+    rows = []
+    for t, cost, imgs in zip((0.0, *thresholds), totals, images):
+        rows.append({"threshold": t, **cost, "speedup": round(totals[0]["seconds"] / cost["seconds"], 3) if cost["seconds"] else None,
+                     "psnr": round(float(np.mean([psnr(a, b) for a, b in zip(reference, imgs)])), 2) if t else float("inf"),
+                     "ssim": round(float(np.mean([ssim(a, b) for a, b in zip(reference, imgs)])), 4) if t else 1.0, "images": imgs})
     return rows
 
 
