@@ -1,7 +1,8 @@
 """Whether linear previews show the final image's colours, on the trained demo model: the last of
 3 previews and the final image read back by the demo's checker (omni_trt/demo/quality.py) over
 its benchmark prompts, for the map the server fits at load (the model's own latents) and, side by
-side, a map fitted on random latents alone.
+side, a map fitted on random latents alone, and the full VAE decoder (`--preview-decoder full`): the
+ceiling any preview decoder of the same predicted image can reach.
 
     python benchmarks/preview_colours.py [--prompts 30] [--out benchmarks/results/preview-colours-cpu.json]
 """
@@ -56,7 +57,9 @@ def main() -> None:
     random_only = preview.fit_linear(lambda g: rt.family.latent_layout.decode(rt.pipe, g), rt.preview.channels, h // factor, w // factor)
     out = {"model": "omni-trt/demo-z-image", "size": "64x64", "steps": 8, "partial_images": 3,
            "own_latents": {"fit": rt.preview.fit, **agreement(rt, prompts)},
-           "random_latents": {"fit": random_only.fit, **agreement(replace(rt, preview=random_only), prompts)}}
+           "random_latents": {"fit": random_only.fit, **agreement(replace(rt, preview=random_only), prompts)},
+           # the same previews decoded by the VAE itself: how far the prediction at the last preview's step agrees at all
+           "full_decoder": agreement(replace(rt, preview=None), prompts)}
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     json.dump(out, sys.stdout, indent=1)
 
