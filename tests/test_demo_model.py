@@ -96,12 +96,12 @@ def demo_score(demo_runtime) -> quality.Score:
 
 def test_the_committed_demo_model_draws_the_colours_it_is_asked(demo_score):
     """What the committed model reaches (README: 30 fixed prompts and seeds, 64x64, 8 steps):
-    background 1.0, foreground 0.70; chance is 1/6. A retrained model must not fall below."""
-    assert demo_score.bg >= 0.9 and demo_score.fg >= 0.6, demo_score
+    background 1.0, foreground 1.0; chance is 1/6. A retrained model must not fall below the target."""
+    assert demo_score.bg >= 0.9 and demo_score.fg >= 0.9, demo_score
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20's targets (colours >= 0.9, shape >= 0.8) are not reached yet: "
-                   "the committed model draws blobs (shape 0.13) and the foreground colour is right in 0.70")
+@pytest.mark.xfail(strict=True, reason="issue 20's shape target (>= 0.8) is not reached yet: the colours are "
+                   "(1.0 and 1.0) but the committed model draws rounded blobs, read as circles (shape 0.30)")
 def test_the_committed_demo_model_meets_the_targets(demo_score):
     assert demo_score.meets(colour=0.9, shape=0.8), demo_score
 
@@ -125,21 +125,30 @@ def test_a_bad_defaults_file_is_refused_naming_it(tmp_path, tiny_dir):
 # ---- the training command still learns (a short run; not timed) ----
 
 
-def test_a_short_training_run_lowers_the_loss_and_learns_colours(tmp_path):
+def _one_thread(run):
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        short = train.Settings(vae_steps=80, dit_steps=300, batch=8, latent_images=128, vae_lr=3e-3, dit_lr=2e-3)
-        report = train.train(tmp_path / "demo", short, log=lambda _: None)
+        return run()
     finally:
         torch.set_num_threads(threads)
-    first, last = report["vae_loss"]
-    assert last < 0.8 * first, report
+
+
+def test_a_short_vae_run_from_scratch_lowers_its_loss():
+    losses = _one_thread(lambda: train.train_vae(train.untrained(0).vae, train.Settings(vae_steps=40, batch=8, vae_lr=3e-3),
+                                                 np.random.default_rng(0)))
+    assert len(losses) == 40 and np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
+
+
+def test_a_short_transformer_run_from_scratch_lowers_the_loss_and_learns_colours(tmp_path):
+    """A new transformer (--new-transformer) on the committed VAE's latents: 300 steps."""
+    short = train.Settings(vae_steps=0, dit_steps=300, batch=8, latent_images=128, dit_lr=2e-3, new_transformer=True)
+    report = _one_thread(lambda: train.train(tmp_path / "demo", short, log=lambda _: None, resume=TRAINED_DIR))
     first, last = report["transformer_loss"]
     assert last < 0.5 * first, report
-    # Chance is 1/6; this run measured 0.4 for the background (the first thing it learns), and the
-    # committed run 1.0. The foreground and the shape need the full run.
-    assert report["score"]["bg"] > 1.5 / 6, report
+    # Chance is 1/6; this run measured 0.97 for the background (the first thing it learns) and 0.4
+    # for the foreground. The shape needs the full run.
+    assert report["score"]["bg"] > 0.5 and report["score"]["fg"] > 1.5 / 6, report
     assert (tmp_path / "demo" / "model_index.json").is_file()

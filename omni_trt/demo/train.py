@@ -2,15 +2,17 @@
 "a {fg} {shape} on a {bg} background" (omni_trt.demo.quality's grammar), from scratch on pictures
 drawn here, on a CPU in minutes.
 
-    python -m omni_trt.demo.train OUT [--seed 0] [--vae-steps N] [--decoder-steps N] [--dit-steps N] [--resume DIR]
+    python -m omni_trt.demo.train OUT [--seed 0] [--vae-steps N] [--decoder-steps N] [--dit-steps N] [--resume DIR [--new-transformer]]
+                                      [--dit-lr LR] [--edge-weight W] [--ema DECAY] [--checkpoint-every N]
     python -m omni_trt.demo.train DIR --evaluate [--grid PNG]     # score a trained folder
 
 First the AutoencoderKL learns to reconstruct the drawn pictures (its own encode/decode; a small
 KL term), and its latent scale and shift are set from the latents' statistics as Z-Image's
 config carries them. Then the transformer learns flow matching on those latents: noise is added
-by FlowMatchEulerDiscreteScheduler.scale_noise at the scheduler's own (shifted) training sigmas,
-and the transformer is asked for what ZImagePipeline reads from it: at model time 1 - sigma it
-returns x0 - noise (the pipeline negates it into the scheduler's velocity noise - x0). The text
+by FlowMatchEulerDiscreteScheduler.scale_noise at the scheduler's own (shifted) training sigmas
+(drawn logit-normal over the schedule), and the transformer is asked for what ZImagePipeline
+reads from it: at model time 1 - sigma it returns x0 - noise (the pipeline negates it into the
+scheduler's velocity noise - x0); an EMA of its weights is what is saved. The text
 encoder (the tiny Qwen3 of demo/z_image.py, random and frozen) only has to tell prompts apart;
 the transformer learns to read it. The output is a diffusers pipeline folder
 (DiffusionPipeline.from_pretrained loads it) plus DEFAULTS_FILE, the request defaults it draws
@@ -39,8 +41,9 @@ DEFAULT_STEPS = 8  # what the demo draws with by default (measured: see README)
 # Four stages (x8 like the real VAE), 16 latent channels as Z-Image's transformer and export specs
 # expect; the full-resolution stage stays 16 wide so large images decode as fast as the random demo's.
 VAE_CONFIG: dict[str, Any] = dict(autoencoder_kl_config(SCALING, SHIFT, tiny=True), block_out_channels=(16, 16, 32, 32))
-# Wider and deeper than the random tiny transformer (head_dim 32 = sum(axes_dims)), still tiny.
-TRANSFORMER_CONFIG: dict[str, Any] = dict(TINY_TRANSFORMER_CONFIG, dim=96, n_heads=3, n_kv_heads=3, n_layers=3, n_refiner_layers=1)
+# Wider and deeper than the random tiny transformer (head_dim 32 = sum(axes_dims)), still tiny:
+# at 96 wide and 3 layers (1.1M parameters) it learnt colours and place but drew blobs.
+TRANSFORMER_CONFIG: dict[str, Any] = dict(TINY_TRANSFORMER_CONFIG, dim=128, n_heads=4, n_kv_heads=4, n_layers=4, n_refiner_layers=1)
 
 
 # The tokenizer's merges also learn the grammar's words, so a caption is a few tokens (one pad-to-32 block).
@@ -49,7 +52,7 @@ CORPUS = [quality.caption(p) for p in quality.all_pictures()]
 
 @dataclass(frozen=True)
 class Settings:
-    """One training run. The defaults are the committed demo's run."""
+    """One training run. The defaults train from scratch; the committed demo came in stages (README)."""
 
     seed: int = 0
     vae_steps: int = 600
@@ -60,6 +63,10 @@ class Settings:
     vae_lr: float = 2e-3
     dit_lr: float = 1e-3
     size: int = SIZE  # pictures' side: what both models learn and the folder's default size
+    ema: float = 0.999  # the saved transformer is this exponential moving average of its weights
+    new_transformer: bool = False  # with resume: keep its VAE and text encoder, train a new transformer
+    checkpoint_every: int = 0  # write the folder (EMA weights) every this many transformer steps; 0: at the end only
+    edge_weight: float = 0.0  # extra loss weight on latent cells the shape's outline crosses (see outline_weights)
 
 
 def draw(p: quality.Picture, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -95,11 +102,11 @@ def to_tensor(images: np.ndarray) -> Any:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def untrained(seed: int) -> Any:
-    """The ZImagePipeline before training: diffusers' default init (pad tokens, left empty by the
-    class, get small normals)."""
+def new_transformer(seed: int) -> Any:
+    """A ZImageTransformer2DModel of TRANSFORMER_CONFIG with diffusers' default init (pad tokens,
+    left empty by the class, get small normals)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import ZImageTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = ZImageTransformer2DModel(**TRANSFORMER_CONFIG)
@@ -107,6 +114,14 @@ def untrained(seed: int) -> Any:
         for name, p in transformer.named_parameters():
             if "pad_token" in name:
                 p.normal_(0.0, 0.02)
+    return transformer
+
+
+def untrained(seed: int) -> Any:
+    """The ZImagePipeline before training."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+    transformer = new_transformer(seed)
     text = text_encoder(512, TINY_TEXT_ENCODER_CONFIG)
     from .weights import init_small
 
@@ -178,24 +193,37 @@ def _step(loss: Any, opt: Any, schedule: Any, losses: list[float], bar: Any, win
     bar.set_postfix(loss=f"{np.mean(losses[-window:]):.4f}")
 
 
-def encode_dataset(pipe: Any, s: Settings, rng: np.random.Generator, rescale: bool = True) -> tuple[list[quality.Picture], Any]:
-    """(pictures, latent means) of `latent_images` drawn pictures of side s.size; rescale: set the VAE's
-    scaling and shift factors so the scaled latents have unit variance and zero mean."""
+def outline_weights(pics: list[quality.Picture], images: np.ndarray, factor: int) -> Any:
+    """Per latent cell (N x 1 x H/factor x W/factor): 4 c (1 - c), c the share of its pixels the
+    shape covers: 1 where the outline halves a cell, 0 inside and outside. The shape's outline
+    (what tells a square from a circle) is a few cells; the plain loss is ruled by the rest."""
     import torch
 
-    pics, means = [], []
+    bg = np.array([quality.PALETTE[p.bg] for p in pics], np.uint8)[:, None, None, :]
+    mask = (images != bg).any(-1).astype(np.float32)
+    n, h, w = mask.shape
+    cover = mask.reshape(n, h // factor, factor, w // factor, factor).mean((2, 4))
+    return torch.from_numpy(4 * cover * (1 - cover)).unsqueeze(1)
+
+
+def encode_dataset(pipe: Any, s: Settings, rng: np.random.Generator, rescale: bool = True) -> tuple[list[quality.Picture], Any, Any]:
+    """(pictures, latent means, outline_weights) of `latent_images` drawn pictures of side s.size;
+    rescale: set the VAE's scaling and shift factors so the scaled latents have unit variance and zero mean."""
+    import torch
+
+    pics, means, outlines = [], [], []
     with torch.no_grad():
         for start in range(0, s.latent_images, 64):
             p, images = random_batch(min(64, s.latent_images - start), s.size, rng)
             dist = pipe.vae.encode(to_tensor(images)).latent_dist
             pics += p
             means.append(dist.mean)
-    mean = torch.cat(means)
-    if not rescale:
-        return pics, mean
-    shift = float(mean.mean())
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=float(1.0 / (mean - shift).std()))
-    return pics, mean
+            outlines.append(outline_weights(p, images, s.size // dist.mean.shape[-1]))
+    mean, outline = torch.cat(means), torch.cat(outlines)
+    if rescale:
+        shift = float(mean.mean())
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=float(1.0 / (mean - shift).std()))
+    return pics, mean, outline
 
 
 def caption_features(pipe: Any) -> dict[quality.Picture, Any]:
@@ -208,11 +236,36 @@ def caption_features(pipe: Any) -> dict[quality.Picture, Any]:
     return dict(zip(every, feats))
 
 
-def train_transformer(pipe: Any, data: tuple[list[quality.Picture], Any], s: Settings, rng: np.random.Generator) -> list[float]:
-    """Flow matching on the VAE's scaled latents with the scheduler's training sigmas."""
+def training_timesteps(sched: Any, n: int, gen: Any) -> Any:
+    """n of the scheduler's own (shifted) training timesteps, their places in the schedule drawn
+    logit-normal (SD3's choice for rectified flow, over the shifted sigmas as the pipeline samples
+    them) instead of uniform: most weight mid-way, where the shape is decided."""
     import torch
 
-    pics, latents = data
+    place = torch.sigmoid(torch.randn(n, generator=gen))  # 1 = pure noise, 0 = the picture
+    return sched.timesteps[((1 - place) * (len(sched.timesteps) - 1)).round().long()]
+
+
+def ema_of(model: Any, decay: float) -> Any:
+    """torch's AveragedModel as an exponential moving average, its decay warming up as
+    min(decay, (1 + n) / (10 + n)) so short runs are not held at the initial weights."""
+    import torch
+
+    def avg(averaged: Any, current: Any, n: Any) -> Any:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return averaged * d + current * (1.0 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, avg_fn=avg)
+
+
+def train_transformer(pipe: Any, data: tuple[list[quality.Picture], Any, Any], s: Settings, rng: np.random.Generator,
+                      checkpoint: Callable[[], None] | None = None) -> list[float]:
+    """Flow matching on the VAE's scaled latents with the scheduler's training timesteps (the
+    squared error weighted 1 + s.edge_weight on the shape's outline); the transformer ends with its EMA weights. checkpoint: called every s.checkpoint_every steps
+    with the EMA weights in place."""
+    import torch
+
+    pics, latents, outline = data
     caps = caption_features(pipe)
     cfg = pipe.vae.config
     sched = pipe.scheduler
@@ -220,21 +273,41 @@ def train_transformer(pipe: Any, data: tuple[list[quality.Picture], Any], s: Set
     opt = torch.optim.AdamW(model.parameters(), lr=s.dit_lr, weight_decay=0.01)
     lr = _schedule(opt, s.dit_steps)
     gen = torch.Generator().manual_seed(s.seed)
+    ema = ema_of(model, s.ema)
     model.train()
-    losses = []
+    losses: list[float] = []
     with _bar(s.dit_steps, "transformer") as bar:
-        for _ in range(s.dit_steps):
+        for i in range(s.dit_steps):
             idx = torch.from_numpy(rng.integers(0, len(pics), s.batch))
             x0 = (latents[idx] - cfg.shift_factor) * cfg.scaling_factor
             noise = torch.randn(x0.shape, generator=gen)
-            timesteps = sched.timesteps[torch.randint(0, len(sched.timesteps), (s.batch,), generator=gen)]
+            timesteps = training_timesteps(sched, s.batch, gen)
             xt = sched.scale_noise(x0, timesteps, noise)
             out = model(list(xt.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, [caps[pics[int(i)]] for i in idx],
                         return_dict=False)[0]
-            loss = torch.nn.functional.mse_loss(torch.stack(out).squeeze(2), x0 - noise)
+            weight = 1 + s.edge_weight * outline[idx]
+            loss = (weight * (torch.stack(out).squeeze(2) - (x0 - noise)) ** 2).mean()
             _step(loss, opt, lr, losses, bar, window=50, clip=model.parameters())
+            ema.update_parameters(model)
+            if checkpoint is not None and s.checkpoint_every and (i + 1) % s.checkpoint_every == 0 and i + 1 < s.dit_steps:
+                _with_weights(model, ema.module.state_dict(), checkpoint)
+    model.load_state_dict(ema.module.state_dict())
     model.eval()
     return losses
+
+
+def _with_weights(model: Any, weights: dict[str, Any], call: Callable[[], None]) -> None:
+    """call() with `weights` loaded into model, then the model's own weights back."""
+    import copy
+
+    own = copy.deepcopy(model.state_dict())
+    model.load_state_dict(weights)
+    model.eval()
+    try:
+        call()
+    finally:
+        model.load_state_dict(own)
+        model.train()
 
 
 def generate(pipe: Any, prompts: list[tuple[str, int]], size: int = SIZE, steps: int = DEFAULT_STEPS, batch: int = 10) -> list[np.ndarray]:
@@ -305,15 +378,21 @@ def train(out: Path, s: Settings = Settings(), log: Callable[[str], None] = prin
         from diffusers import DiffusionPipeline
 
         pipe = DiffusionPipeline.from_pretrained(resume)
+        if s.new_transformer:
+            pipe.register_modules(transformer=new_transformer(s.seed))
     vae_losses = train_vae(pipe.vae, s, rng) or [float("nan")]
     data = encode_dataset(pipe, s, rng, rescale=resume is None or s.vae_steps > 0)
     vae_losses += train_vae(pipe.vae, s, rng, decoder_only=True)
     t1 = time.monotonic()
-    dit_losses = train_transformer(pipe, data, s, rng) or [float("nan")]
-    t2 = time.monotonic()
     out = Path(out)
-    pipe.save_pretrained(out)
-    write_defaults(out, s.size)
+
+    def save() -> None:
+        pipe.save_pretrained(out)
+        write_defaults(out, s.size)
+
+    dit_losses = train_transformer(pipe, data, s, rng, checkpoint=save) or [float("nan")]
+    t2 = time.monotonic()
+    save()
     with torch.no_grad():
         score = measure(pipe, size=s.size)
     report = {
@@ -336,8 +415,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder-steps", type=int, default=d.decoder_steps, help=f"then VAE decoder-only steps (default: {d.decoder_steps})")
     p.add_argument("--resume", type=Path, default=None, help="start from this trained pipeline folder instead of from scratch")
     p.add_argument("--dit-steps", type=int, default=d.dit_steps, help=f"transformer optimizer steps (default: {d.dit_steps})")
+    p.add_argument("--dit-lr", type=float, default=d.dit_lr, help=f"transformer peak learning rate (default: {d.dit_lr})")
     p.add_argument("--batch", type=int, default=d.batch, help=f"pictures per step (default: {d.batch})")
     p.add_argument("--latent-images", type=int, default=d.latent_images, help=f"pictures encoded for the transformer (default: {d.latent_images})")
+    p.add_argument("--new-transformer", action="store_true", help="with --resume: keep its VAE and text encoder, train a new transformer")
+    p.add_argument("--edge-weight", type=float, default=d.edge_weight, help="extra loss weight on latent cells the shape's outline crosses (default: 0)")
+    p.add_argument("--ema", type=float, default=d.ema, help=f"EMA decay of the saved transformer weights (default: {d.ema})")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="also write OUT every N transformer steps (EMA weights), to score a long run as it goes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1: small kernels gain little from more on a shared machine)")
     p.add_argument("--evaluate", action="store_true", help="train nothing: score the pipeline in OUT over the fixed prompts and seeds")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"--evaluate: inference steps (default: {DEFAULT_STEPS})")
@@ -349,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(evaluate(Path(args.out), args.grid, args.steps, args.size).__dict__))
         return 0
     train(Path(args.out), Settings(args.seed, args.vae_steps, args.decoder_steps, args.dit_steps, args.batch, args.latent_images,
-                                   size=args.size), resume=args.resume)
+                                   dit_lr=args.dit_lr, size=args.size, ema=args.ema, edge_weight=args.edge_weight, new_transformer=args.new_transformer,
+                                   checkpoint_every=args.checkpoint_every), resume=args.resume)
     return 0
 
 
