@@ -249,6 +249,9 @@ class Family:
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # A checkpoint's own defaults from its model_index.json (FLUX.2 klein: distilled or base); None: `defaults`.
     variants: Callable[[Mapping[str, Any]], Defaults] | None = None
+    # from_pretrained keyword arguments the family builds itself from the model (a hub id or folder):
+    # parts diffusers cannot load as saved (Qwen-Image-Edit: its processor without torchvision).
+    load_replacements: Callable[[str], Mapping[str, Any]] | None = None
 
     def defaults_for(self, index: Mapping[str, Any]) -> Defaults:
         """The request defaults of the model whose model_index.json is `index`."""

@@ -453,7 +453,9 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
     type_notes = logging.getLogger("diffusers.pipelines.pipeline_utils")
     type_notes.addFilter(_standin_type_note)
     try:
-        replacements = dict(swap.replacements) if swap else {}
+        # A family's own parts where diffusers cannot load them as saved (Family.load_replacements), then the engines' stand-ins.
+        replacements = dict(family.load_replacements(source or model)) if family.load_replacements else {}
+        replacements.update(swap.replacements if swap else {})
         pipe = DiffusionPipeline.from_pretrained(source or model, dtype=torch_dtype(dtype), **replacements)
     finally:
         type_notes.removeFilter(_standin_type_note)
