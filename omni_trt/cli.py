@@ -181,7 +181,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if serving.load_error:
         print(f"error: the model failed to load: {serving.load_error}", file=sys.stderr)
         return 1
-    return 0
+    return server.exit_status()
 
 
 def _net_options(args: argparse.Namespace) -> Any:

@@ -321,3 +321,21 @@ def _queue(url: str) -> float:
 
     m = re.search(r"^omni_queue_depth (\S+)", httpx.get(f"{url}/metrics", timeout=2).text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def test_the_exit_status_follows_the_signal_that_stopped_the_server():
+    """Not only through uvicorn's re-raised signal: asyncio's runner can take a SIGINT that lands as
+    its main task finishes as a cancellation, and run() then returns normally (exit 0 seen under
+    load). The status comes from the signal the server caught."""
+    import signal
+
+    import uvicorn
+
+    from omni_trt.server.run import DrainingServer
+
+    server = DrainingServer(uvicorn.Config(lambda *a: None), serving=None)
+    assert server.exit_status() == 0
+    server._captured_signals.append(signal.SIGINT)
+    assert server.exit_status() == 130
+    server._captured_signals[:] = [signal.SIGTERM, signal.SIGINT]  # the first one stopped it
+    assert server.exit_status() == 143

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -45,6 +46,15 @@ class DrainingServer(uvicorn.Server):
         self._signals = 0
         self._drain: asyncio.Future | None = None
         self._gave_up = False
+
+    def exit_status(self) -> int:
+        """What the process exits with once run() returned: 128 + the signal that stopped it
+        (SIGINT 130, SIGTERM 143), else 0. uvicorn re-raises that signal after the shutdown, but
+        Python's asyncio runner takes a SIGINT that lands while its main task is finishing as a
+        cancellation the finishing task never sees, so run() can return normally (seen under
+        load: exit 0 after a Ctrl-C)."""
+        first = self._captured_signals[0] if self._captured_signals else None
+        return 128 + first if first in (signal.SIGINT, signal.SIGTERM) else 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._signals >= 2 or not self.serving.loaded:

@@ -131,8 +131,9 @@ def run(spec: ReplicaSpec, net: Any, replicas: int, min_replicas: int | None = N
     # would end this process there, before the replicas and the local cluster are shut down.
     signal.signal(signal.SIGTERM, _exit_143)
     try:
-        make_server(create_app(serving), net).run()
-        return 1 if serving.load_error else 0
+        server = make_server(create_app(serving), net)
+        server.run()
+        return 1 if serving.load_error else server.exit_status()
     finally:
         stop.set()
         owner.join(timeout=spec.options.drain_timeout_s + 60)
