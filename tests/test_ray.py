@@ -50,13 +50,21 @@ class RayServer:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
 
 
+def _sigint_default() -> None:
+    """In the child, before exec: SIGINT at its default and not blocked. A child inherits an ignored
+    or blocked SIGINT, and Python then keeps ignoring it, so a test's Ctrl-C would never reach
+    `serve run` (it hung in full-suite runs only)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 @contextmanager
 def launched(cmd: list[str], log_path: Path, port: int, env: dict[str, str] | None = None) -> Iterator[RayServer]:
     """A process serving on port; killed with its process group if a test left it up."""
     log = log_path.open("w")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", **(env or {})}
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_sigint_default)
     url = f"http://127.0.0.1:{port}"
 
     answers: list = []
