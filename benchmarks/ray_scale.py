@@ -12,6 +12,12 @@ embedded demo model with one torch thread per model process:
 
     .venv/bin/python benchmarks/ray_scale.py --out benchmarks/results/ray-scale-cpu.json
     .venv/bin/python benchmarks/ray_scale.py --max-batch-size 1 --out benchmarks/results/ray-scale-batch1-cpu.json
+
+--lora: adapter switches per 100 requests with 8 adapters (PEFT on the tiny Z-Image, saved with
+save_lora_weights) on 2 replicas, with and without routing by adapter set (Ray Serve's model
+multiplexing; OMNI_RAY_ROUTE_BY_ADAPTERS=0 turns it off), from /metrics' omni_lora_switches_total:
+
+    .venv/bin/python benchmarks/ray_scale.py --lora --out benchmarks/results/ray-lora-cpu.json
 """
 
 from __future__ import annotations
@@ -148,6 +154,48 @@ def kill_test(url: str, body: dict, concurrency: int, requests: int) -> dict:
             "served_by": sorted({r.headers.get("x-omni-replica", "") for r in results if isinstance(r, httpx.Response) and r.status_code == 200})}
 
 
+def switches(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return next((float(line.split()[-1]) for line in text.splitlines()
+                 if line.startswith("omni_lora_switches_total") and 'replica="all"' in line), 0.0)
+
+
+def lora_switches(replicas: int, adapters: int, requests: int, concurrency: int) -> dict:
+    """Each request names one of `adapters` adapters at random (seeded): the switches the replicas
+    made per 100 requests, routed by adapter set and not."""
+    import random
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from omni_trt.demo import builders
+    from omni_trt.demo.lora import make_adapter
+
+    root = Path(tempfile.mkdtemp(prefix="omni-ray-lora-"))
+    builders("z-image")[0](root / "model")
+    pipe = DiffusionPipeline.from_pretrained(root / "model", dtype=torch.float32)
+    modules = [f"l{i}={make_adapter(pipe, root / f'l{i}', seed=i + 1)}" for i in range(adapters)]
+    rng = random.Random(0)
+    names = [rng.randrange(adapters) for _ in range(requests)]
+    body = {"prompt": "a red circle", "size": "64x64", "num_inference_steps": 2, "seed": 1}
+    out: dict = {"setup": {"model": "tiny z-image", "replicas": replicas, "adapters": adapters, "requests": requests,
+                           "concurrency": concurrency, **{k: v for k, v in body.items() if k != "prompt"}}}
+    for label, env in (("routed", "1"), ("not_routed", "0")):
+        s = start_server([str(root / "model"), "--replicas", str(replicas), "--threads", "1", "--lora-modules", *modules],
+                         root, env={"RAY_DEDUP_LOGS": "0", "OMNI_RAY_ROUTE_BY_ADAPTERS": env})
+        try:
+            before = switches(s.url)
+            with httpx.Client(base_url=s.url, timeout=300) as c, ThreadPoolExecutor(concurrency) as pool:
+                codes = list(pool.map(lambda i: c.post("/v1/images/generations", json={**body, "lora": f"l{i}"}).status_code, names))
+            time.sleep(2.5)  # replicas push their metrics about once a second
+            n = switches(s.url) - before
+            out[label] = {"ok": codes.count(200), "switches": n, "switches_per_100": round(100 * n / requests, 1)}
+        finally:
+            stop_server(s)
+        print(label, json.dumps(out[label]), flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", type=int, default=2)
@@ -158,8 +206,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7, help="one-at-a-time requests per median")
     ap.add_argument("--max-batch-size", type=int, default=None, help="the servers' batch cap (default: omni serve's); 1 "
                     "takes batching out of the comparison, since a process with more requests waiting batches more of them")
+    ap.add_argument("--lora", action="store_true", help="adapter switches per 100 requests, routed by adapter set or not")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.lora:
+        write_result(lora_switches(args.replicas, 8, 100, args.concurrency), args.out)
+        return 0
     body = {"prompt": "a lighthouse on a cliff", "size": args.size, "num_inference_steps": args.steps, "seed": 1}
     cache = tempfile.mkdtemp(prefix="omni-ray-bench-")
     out: dict = {"host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},

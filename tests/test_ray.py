@@ -89,9 +89,18 @@ def launched(cmd: list[str], log_path: Path, port: int, env: dict[str, str] | No
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    """Two replicas of the tiny Z-Image, one CPU thread each, a small queue (so 429 is reachable)."""
+    """Two replicas of the tiny Z-Image, one CPU thread each, a small queue (so 429 is reachable),
+    and one LoRA adapter registered (every replica loads it)."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from omni_trt.demo.lora import make_adapter
+
+    adapter = make_adapter(DiffusionPipeline.from_pretrained(tiny_dir("z-image"), dtype=torch.float32),
+                           tmp_path_factory.mktemp("ray-lora") / "a", seed=1)
     port = free_port()
     cmd = [sys.executable, "-m", "omni_trt", "serve", str(tiny_dir("z-image")), "--replicas", "2", "--threads", "1",
+           "--lora-modules", f"a={adapter}",
            "--port", str(port), "--served-model-name", "tiny-z", "--max-queue", "4", "--max-batch-size", "2", "--drain-timeout", "10"]
     with launched(cmd, tmp_path_factory.mktemp("ray") / "serve.log", port) as s:
         yield s  # `http` and `sdk` (conftest.py) are clients of it
@@ -110,6 +119,28 @@ def test_health_and_models_come_from_a_replica(http):
     assert health["status"] == "ok" and health["model"] == "tiny-z" and health["runtime"] == "torch"
     card = http.get("/v1/models").json()["data"][0]
     assert card["id"] == "tiny-z" and card["family"] == "z-image" and card["max_batch"] == 2
+
+
+def test_lora_adapters_through_the_replicas(http):
+    """Adapters per request over Ray: routed by adapter set (multiplexed), the same API and refusals."""
+    import numpy as np
+
+    def image(body: dict) -> tuple[np.ndarray, str]:
+        r = http.post("/v1/images/generations", json={**SMALL, "prompt": "a red circle", "seed": 3, **body})
+        assert r.status_code == 200, r.text
+        return decode(r.json()["data"][0]["b64_json"]).astype(int), r.headers[REPLICA]
+
+    base, _ = image({})
+    a, first = image({"lora": {"name": "a"}})
+    assert np.abs(a - base).max() > 1
+    zero, _ = image({"lora": {"name": "a", "scale": 0}})
+    assert np.abs(zero - base).max() <= 1
+    again, replica = image({"lora": [{"lora_name": "a"}]})  # the same set, canonicalized: the replica that holds it
+    assert np.abs(again - a).max() <= 1 and replica == first
+    cards = {c["id"]: c for c in http.get("/v1/models").json()["data"]}
+    assert cards["a"]["parent"] == "tiny-z" and cards["a"]["lora_rank"] == 4
+    r = http.post("/v1/images/generations", json={**SMALL, "prompt": "x", "lora": {"name": "nobody"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora" and "unknown lora adapter" in r.json()["error"]["message"], r.text
 
 
 def test_the_same_images_as_the_single_process_server(http, runtime):

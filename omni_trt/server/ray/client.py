@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -44,6 +45,33 @@ def unwrap(e: BaseException) -> BaseException:
     return internal_error("ray")
 
 
+# A request with no adapters carries no model id: every replica holds the base model, and
+# pinning base traffic to the replicas that last served it would leave the others idle (Ray
+# routes a model id only to replicas holding it until they are full).
+BASE_ID = ""
+
+
+def routing_id(args: tuple[Any, ...], served: tuple[str, ...] = ()) -> str:
+    """A request's adapter set, canonicalized (sorted by name, zero scales dropped), as Ray
+    Serve's multiplexed model id, so it goes to a replica that already holds that set (pure).
+    `model` naming something other than the served names may be an adapter (vLLM's convention):
+    it joins the id. A `lora` the replica will refuse routes as the base model (BASE_ID)."""
+    from ...lora.request import adapter_set, describe, parse_lora
+
+    for a in args:
+        if not hasattr(a, "lora"):
+            continue
+        try:
+            names = describe(adapter_set(parse_lora(a.lora, max_per_request=1 << 16)))
+        except Exception:  # noqa: BLE001 - the replica refuses it, with its own message
+            return BASE_ID
+        model = getattr(a, "model", None)
+        if isinstance(model, str) and model and model not in served and model not in names.split(","):
+            names = model if names == "none" else f"{names},{model}"
+        return BASE_ID if names == "none" else names
+    return BASE_ID
+
+
 def proxy_caller(request: Any) -> Caller:
     """A request that came through Ray Serve's HTTP proxy: the proxy's request id (the one it
     puts in X-Request-Id), and no disconnect to await: the proxy cancels the request's task."""
@@ -71,6 +99,8 @@ class RemoteServing:
         self.behind_proxy = behind_proxy
         self.metrics = Metrics()  # the HTTP counters; the replicas keep the rest
         self.created = int(time.time())
+        # multiplexed routing by adapter set; OMNI_RAY_ROUTE_BY_ADAPTERS=0 turns it off (benchmarks/ray_scale.py compares)
+        self.route_by_adapters = os.environ.get("OMNI_RAY_ROUTE_BY_ADAPTERS", "1") != "0"
         self.draining: str | None = None
         self.load_error: str | None = None
         self.ongoing = 0
@@ -159,14 +189,14 @@ class RemoteServing:
 
     async def _call(self, method: str, caller: Caller, *args: Any) -> Answer:
         self._check_ready()
-        out, headers = await self._ask(self.handle.call.remote(method, caller.request_id, *args), caller)
+        out, headers = await self._ask(self._routed(args).call.remote(method, caller.request_id, *args), caller)
         return out, self._headers(headers)
 
     async def _stream(self, method: str, caller: Caller, *args: Any) -> Stream:
         """The replica's admission answers before the stream starts (a refusal stays a JSON 4xx);
         then its events are relayed."""
         self._check_ready()
-        gen = self.handle.options(stream=True).stream.remote(method, caller.request_id, *args)
+        gen = self._routed(args).options(stream=True).stream.remote(method, caller.request_id, *args)
         headers = await self._ask(_first(gen), caller)
         events = event_stream(self._relay(gen), caller, self.options.keepalive_s, lambda _: gen.cancel())
         return events, self._headers(headers)
@@ -186,6 +216,14 @@ class RemoteServing:
         finally:
             self.ongoing -= 1
             self._open.discard(gen)
+
+    def _routed(self, args: tuple[Any, ...]) -> Any:
+        """The handle, asking Ray Serve for a replica that holds the request's adapter set."""
+        if not self.route_by_adapters:
+            return self.handle
+        served = (self.options.served_model_name, *self.options.aliases)
+        model_id = routing_id(args, served)
+        return self.handle.options(multiplexed_model_id=model_id) if model_id else self.handle
 
     def _headers(self, headers: dict[str, str]) -> dict[str, str]:
         """Behind Ray's proxy, which sets X-Request-Id itself (to the same id): one header, not two."""

@@ -13,7 +13,19 @@ from ...runtime.pipeline import LoadOptions
 from ..contract import REQUEST_CALLS, STREAM_CALLS, Answer, Caller, ServerOptions
 from ..serving import ImageServing
 
+
+def multiplexed(max_num_models_per_replica: int) -> Any:
+    """serve.multiplexed, imported when Ray is (this module is imported without Ray too)."""
+    def wrap(fn: Any) -> Any:
+        try:
+            from ray import serve
+        except ModuleNotFoundError:
+            return fn
+        return serve.multiplexed(max_num_models_per_replica=max_num_models_per_replica)(fn)
+    return wrap
+
 REPLICA_HEADER = "X-Omni-Replica"
+MULTIPLEXED_SETS = 4  # adapter sets a replica is routed as holding (Ray Serve's LRU of model ids)
 HUB = "omni-metrics"  # the named actor replicas push their metrics to
 PUSH_EVERY_S = 1.0
 STALE_AFTER_S = 10.0  # a replica silent this long (dead, or replaced) drops out of /metrics
@@ -115,6 +127,7 @@ class ModelReplica:
     async def call(self, method: str, request_id: str | None, *args: Any) -> Answer | Refused:
         """One of the contract's request calls (REQUEST_CALLS), as the local server answers it.
         A client that leaves reaches the replica as a Ray cancellation of this call."""
+        await self._hold_adapters()
         try:
             out, headers = await self._serving_call(method, REQUEST_CALLS)(Caller(request_id), *args)
         except answered() as e:
@@ -124,6 +137,7 @@ class ModelReplica:
     async def stream(self, method: str, request_id: str | None, *args: Any) -> AsyncIterator[Any]:
         """One of the streamed calls (STREAM_CALLS): admission first (a refusal is the only item),
         then the headers, then the SSE text as the local server makes it."""
+        await self._hold_adapters()
         try:
             events, headers = await self._serving_call(method, STREAM_CALLS)(Caller(request_id), *args)
         except answered() as e:
@@ -132,6 +146,21 @@ class ModelReplica:
         yield {**headers, REPLICA_HEADER: self.replica}
         async for event in events:
             yield event
+
+    async def _hold_adapters(self) -> None:
+        """Tell Ray Serve's router this replica now holds the request's adapter set (the client's
+        multiplexed model id), so later requests with that set come here where it is free. The
+        adapters themselves are already loaded (--lora-modules) or load on first use; the runtime
+        switches between batches."""
+        from ray import serve
+
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self._adapter_set(model_id)
+
+    @multiplexed(max_num_models_per_replica=MULTIPLEXED_SETS)
+    async def _adapter_set(self, model_id: str) -> str:
+        return model_id
 
     def _serving_call(self, method: str, allowed: tuple[str, ...]) -> Any:
         if method not in allowed:  # only what the contract lists travels over the handle
