@@ -289,6 +289,6 @@ def test_every_family_reuses_steps_with_cfg(family, tiny_dir):
     rt = load_pipeline(str(tiny_dir(family)), LoadOptions(device="cpu", cache=config), family=family_by_name(family))
     cfg = {"negative_prompt": "blurry", "true_cfg_scale": 2.0, "guidance_scale": 2.0}
     ask = ImageAsk("a cat", size="64x64", steps=3, seed=5, **{k: v for k, v in cfg.items() if k in rt.family.fields})
-    hook = rt.trace([resolve(rt.family, ask, limits=rt.limits, cache=rt.cache_settings)])
-    assert (hook.computed, hook.reused) == (1, 2) and np.isfinite(np.asarray(hook.images[0])).all()
-    assert hook.calls == (2 if "true_cfg_scale" in rt.family.fields else 1)  # the first step's calls; reuses make none
+    traced = rt.trace([resolve(rt.family, ask, limits=rt.limits, cache=rt.cache_settings)])
+    assert (traced.hook.computed, traced.hook.reused) == (1, 2) and np.isfinite(np.asarray(traced.images[0])).all()
+    assert traced.hook.calls == (2 if "true_cfg_scale" in rt.family.fields else 1)  # the first step's calls; reuses make none

@@ -21,7 +21,7 @@ from ..enginedir.manifest import Manifest, StepCacheEntry, now
 from ..files import atomic_write, cache_root
 from ..models import Family
 from .preview import FIT_PROMPTS
-from .request import GenerationRequest
+from .request import GenerationRequest, ImageAsk, resolve
 from .stepcache import CacheConfig, MagSettings, Plan, nearest_changes, nearest_ratios, plan, ratios_from_norms
 
 log = logging.getLogger(__name__)
@@ -127,13 +127,8 @@ def store_calibration(runtime: Any, entry: StepCacheEntry, manifest: bool) -> st
 
 def _requests(runtime: Any, prompts: Sequence[str], width: int, height: int, steps: int, seed: int,
               settings: MagSettings | None) -> list[GenerationRequest]:
-    d = runtime.family.defaults
-    fields_ = runtime.family.fields
-    from ..models.base import FIELD_GUIDANCE, FIELD_TRUE_CFG
-
-    return [GenerationRequest(prompt=p, width=width, height=height, steps=steps, seed=seed + i,
-                              guidance_scale=d.guidance_scale if FIELD_GUIDANCE in fields_ else None,
-                              true_cfg_scale=d.true_cfg_scale if FIELD_TRUE_CFG in fields_ else None, cache=settings)
+    """The family's own requests (its defaults and checks, as any route's): one a prompt, seeds counting up."""
+    return [resolve(runtime.family, ImageAsk(prompt=p, width=width, height=height, steps=steps, seed=seed + i), cache=settings)
             for i, p in enumerate(prompts)]
 
 
@@ -146,7 +141,7 @@ def calibrate(runtime: Any, steps: Sequence[int], prompts: Sequence[str] = PROMP
     ratios: dict[int, list[float]] = {}
     changes: dict[int, list[float]] = {}
     for n in steps:
-        hooks = [runtime.trace([r], record=True) for r in _requests(runtime, prompts, width, height, n, seed, None)]
+        hooks = [runtime.trace([r], record=True).hook for r in _requests(runtime, prompts, width, height, n, seed, None)]
         ratios[n] = [float(v) for v in np.mean([ratios_from_norms(h.norms) for h in hooks], axis=0)]
         changes[n] = [0.0] + [float(v) for v in np.mean([h.changes for h in hooks], axis=0)] if n > 1 else [0.0]
     return StepCacheEntry(ratios=ratios, changes=changes, size=f"{width}x{height}", prompts=len(prompts),
@@ -194,11 +189,11 @@ def ssim(a: np.ndarray, b: np.ndarray, window: int = 7) -> float:
     return float(s.mean())
 
 
-def _cost(hook: Any, seconds: float) -> dict[str, Any]:
+def _cost(trace: Any, seconds: float) -> dict[str, Any]:
     """What one traced call cost: seconds end to end and in the transformer (denoise) and in the
     denoising loop (the call less text encoding and VAE decoding: the rule and its reuses
     included), transformer calls, steps computed and reused."""
-    stages = hook.stages
+    hook, stages = trace.hook, trace.stages
     return {"seconds": seconds, "denoise_seconds": stages.get("denoise", 0.0),
             "loop_seconds": stages["total"] - stages.get("text_encode", 0.0) - stages.get("vae_decode", 0.0),
             "calls": hook.calls, "computed": hook.computed, "reused": hook.reused}
@@ -223,11 +218,11 @@ def evaluate(runtime: Any, entry: StepCacheEntry, steps: int, prompts: Sequence[
             for j, s in enumerate(settings):
                 request = _requests(runtime, [prompt], width, height, steps, seed + i, s)
                 t0 = time.perf_counter()
-                hook = runtime.trace(request)
-                cost = _cost(hook, time.perf_counter() - t0)
+                traced = runtime.trace(request)
+                cost = _cost(traced, time.perf_counter() - t0)
                 totals[j] = {k: totals[j].get(k, 0) + v for k, v in cost.items() if k not in ("computed", "reused")}
                 totals[j].update(computed=cost["computed"], reused=cost["reused"])
-                images[j] += [np.asarray(im.convert("RGB")) for im in hook.images]
+                images[j] += [np.asarray(im.convert("RGB")) for im in traced.images]
     finally:
         runtime.set_step_cache(saved)
     reference = images[0]

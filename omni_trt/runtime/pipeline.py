@@ -40,6 +40,16 @@ def default_device() -> str:
 
 
 @dataclass(frozen=True)
+class Trace:
+    """What PipelineRuntime.trace gives: the call's step hook (steps computed and reused, calls,
+    recorded norms), its images and stage seconds."""
+
+    hook: StepHook
+    images: list[Any]
+    stages: dict[str, float]
+
+
+@dataclass(frozen=True)
 class LoraOptions:
     """serve's LoRA flags: modules (name, path) loaded and checked at start; lora_dir: where request
     and load-route paths may point (None: none may); max_per_request: adapters one request names."""
@@ -302,14 +312,14 @@ class PipelineRuntime:
         plan = self.step_cache.plan(request.steps, request.first_step, request.cache) if self.step_cache is not None else None
         return StepHook(plan, request.first_step, record)
 
-    def trace(self, requests: list[GenerationRequest], record: bool = False) -> StepHook:
+    def trace(self, requests: list[GenerationRequest], record: bool = False) -> Trace:
         """One pipeline call of compatible requests (no previews, no adapters), outside the server:
-        its hook, with the output norms per step when `record`, and the images (`hook.images`)."""
+        its hook (the output norms per step when `record`), images and stage seconds."""
         hook = self._step_hook(requests[0], record)
         with self._lock:
             self._activate(())
-            hook.images, hook.stages = self._call(requests, hook=hook)
-        return hook
+            images, stages = self._call(requests, hook=hook)
+        return Trace(hook, images, stages)
 
     def _activate(self, lora: tuple[tuple[str, float], ...]) -> float | None:
         """Put the batch's adapter set into effect (under the lock, between batches)."""
