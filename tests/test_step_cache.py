@@ -247,6 +247,29 @@ def test_cards_health_and_metrics_say_what_the_cache_did(demo_cached):
         assert info["cache"]["calibrated_steps"] == [8] and info["cache"]["calibration"].startswith("calibrated at load")
 
 
+def test_the_openai_sdk_sends_cache_on_images_and_chat(demo_cached):
+    """`cache` through the SDK's extra_body: images report their steps; chat's count in /metrics by its route."""
+    import openai
+
+    _, http = demo_cached
+    sdk = openai.OpenAI(base_url=f"{str(http.base_url).rstrip('/')}/v1", api_key="unused", max_retries=0)
+    ask = dict(model="demo", prompt="a red circle on a blue background", extra_body={"num_inference_steps": 20, "seed": 3})
+    cached = sdk.images.generate(**ask).model_extra["denoise_steps"]
+    off = sdk.images.generate(**{**ask, "extra_body": {**ask["extra_body"], "cache": False}}).model_extra["denoise_steps"]
+    assert cached["reused"] > 0 and off == {"computed": 20, "reused": 0}
+    reused = []
+    for cache in (False, True):
+        before = http.get("/metrics").text
+        sdk.chat.completions.create(model="demo", messages=[{"role": "user", "content": "a red circle on a blue background"}],
+                                    extra_body={"num_inference_steps": 20, "seed": 3, "cache": cache})
+        after = http.get("/metrics").text
+        reused.append(_metric(after, "omni_denoise_steps_total", outcome="reused") - _metric(before, "omni_denoise_steps_total", outcome="reused"))
+    assert reused == [0, cached["reused"]]
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        sdk.chat.completions.create(model="demo", messages=[{"role": "user", "content": "a red circle"}], extra_body={"cache": "often"})
+    assert e.value.body["param"] == "cache"
+
+
 def test_calibration_round_trips_through_the_manifest_and_runs_on_engines(built, tmp_path, cache_root):
     """ONNX Runtime engines of the tiny model: calibrated into a copy's manifest, read back at
     load; steps reused; threshold 0 is the uncached engines' image."""
