@@ -18,7 +18,8 @@ suite goes on):
 
   6. --family NAME (opt-in, repeatable; e.g. flux2-klein): that family's real-shape pipeline built,
      then `omni bench` on torch at the bench size and its own default steps (klein 4B: a 1024x1024
-     generation in 4 steps), the model removed after (disk). Give the suite more --budget for it.
+     generation in 4 steps; qwen-image-edit, edit-only: a 1024x1024 edit of one plain input image
+     in 40 steps), the model removed after (disk). Give the suite more --budget for it.
   7. --lora (opt-in): LoRA adapters on TensorRT: a one-layer real-shape Z-Image (full width) built
      with --refittable, then benchmarks/lora.py on it: base generation, one adapter steady, the
      first request after a switch (its refit seconds), two adapters. Skipped where no TensorRT runs.

@@ -35,7 +35,12 @@ def tiny_pipeline(tiny_dir):
         import torch
         from diffusers import DiffusionPipeline
 
-        return DiffusionPipeline.from_pretrained(tiny_dir(family), dtype=torch.float32)
+        from omni_trt.models import family_by_name
+
+        # A family's own parts where diffusers cannot load them as saved (Family.load_replacements).
+        hook = family_by_name(family).load_replacements
+        parts = hook(str(tiny_dir(family))) if hook else {}
+        return DiffusionPipeline.from_pretrained(tiny_dir(family), dtype=torch.float32, **parts)
 
     return load
 

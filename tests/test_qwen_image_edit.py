@@ -20,12 +20,8 @@ from omni_trt.models.qwen_image_edit.transformer import is_reference, transforme
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from omni_trt.demo.qwen_image_edit import build_tiny
-
-    out = tmp_path_factory.mktemp("tiny-qwen-image-edit")
-    build_tiny(out)
-    return out
+def tiny(tiny_dir):
+    return tiny_dir(FAMILY.name)  # the session's, which `built` exports too
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +128,87 @@ def test_the_runtime_loads_it_through_the_family_hook(tiny):
     rt = load_pipeline(str(tiny), LoadOptions(device="cpu", dtype="fp32"), family=FAMILY)
     assert type(rt.pipe).__name__ == "QwenImageEditPlusPipeline"
     assert type(rt.pipe.processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+
+
+# ---- registered and served ----
+
+
+def test_registered_with_its_call_limit_and_an_edit_warm_up():
+    from PIL import Image as PILImage
+
+    from omni_trt.models import FAMILIES, family_for_class
+    from omni_trt.runtime.request import ImageAsk, edit_only_input, resolve
+
+    assert FAMILIES[FAMILY.name] is FAMILY and family_for_class("QwenImageEditPlusPipeline") is FAMILY
+    assert FAMILY.call_images == 1  # the pipeline refuses more than one prompt per call
+    # torch-compile's warm-up and omni bench edit where others generate (a generation is refused).
+    image = edit_only_input(FAMILY, "64x80")
+    assert isinstance(image, PILImage.Image) and image.size == (64, 80)
+    assert resolve(FAMILY, ImageAsk("x", steps=2), image=image).task == "reference"
+    assert edit_only_input(FAMILIES["qwen-image"], "64x80") is None
+
+
+def test_engine_profiles_cover_the_references_the_pipeline_makes():
+    """The pipeline resizes every input image to about 1024x1024 area at its own aspect, whatever
+    the output size: the VAE encoder's and the transformer's profiles cover that at every aspect an
+    input fitted into the built sizes can have, as diffusers computes it."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE, calculate_dimensions
+
+    from omni_trt.compiler.plan import profile_points
+    from omni_trt.models import SizeLimits
+    from omni_trt.models.qwen_image_edit import reference_size
+
+    lo_size, hi_size = (256, 512), (1024, 1024)
+    limits = SizeLimits(16, 64, 2048, min_width=256, max_width=1024, min_height=512, max_height=1024)
+    points = {c: profile_points(FAMILY, c, (lo_size, (512, 512), hi_size), 1, (1, 256, 1024)) for c in FAMILY.components}
+    enc = FAMILY.components["vae_encoder"].profile(*points["vae_encoder"])["image"]
+    trf = FAMILY.components["transformer"].profile(*points["transformer"])["hidden_states"]
+    assert enc[1] == (1, 3, 1, 1024, 1024) and trf[1][1] == 32 * 32 + 64 * 64  # opt: one square reference
+    for w, h in ((5000, 100), (100, 5000), (640, 480), (64, 64), (1024, 333)):
+        fw, fh = limits.fit(w, h)  # what check_references hands the pipeline
+        rw, rh = calculate_dimensions(VAE_IMAGE_SIZE, fw / fh)
+        assert reference_size(fw, fh) == (rw, rh)
+        assert enc[0][3] <= rh <= enc[2][3] and enc[0][4] <= rw <= enc[2][4], (w, h)
+        assert 64 * 64 + 3 * (rw // 16) * (rh // 16) <= trf[2][1]
+
+
+@pytest.fixture(scope="module")
+def engines(built):
+    from omni_trt.runtime.loader import load_runtime
+
+    return load_runtime(None, built(FAMILY.name)[1], "onnxruntime")
+
+
+def test_edits_on_onnxruntime_engines_through_the_sdk_equal_torch(engines, tiny):
+    """A real server on the ONNX Runtime engines, the OpenAI SDK: /v1/models shows the family, a
+    generation is a 400 naming the edits route, and an edit with true CFG equals the torch pipeline's
+    within the export bound. One input image: each costs ~5 s of VAE encoding per call on CPU (at
+    the pipeline's ~1024x1024 area); two references through the engine are checked by
+    test_transformer_exports_and_matches_diffusers_with_references."""
+    import openai
+
+    from omni_trt.runtime.pipeline import load_pipeline
+    from omni_trt.runtime.request import ImageAsk, edit_inputs, resolve
+    from serving import live_server
+    from test_edits import noise, png
+    from test_server import decode
+
+    a = noise(1, (80, 64))
+    extra = {"num_inference_steps": 2, "seed": 3, "negative_prompt": "blurry", "true_cfg_scale": 4.0}
+    with live_server(lambda: engines, served_model_name="tiny-qie") as live, live.client() as c:
+        card = c.get("/v1/models").json()["data"][0]
+        assert card["family"] == FAMILY.name and card["runtime"] == "onnxruntime" and card["max_batch"] == 1
+        sdk = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.images.generate(model="tiny-qie", prompt="a red fox", size="64x64")
+        assert refused.value.status_code == 400 and "/v1/images/edits" in str(refused.value)
+        res = sdk.images.edit(model="tiny-qie", image=("a.png", png(a)), prompt="a red fox",
+                              size="64x64", extra_body=extra)
+    got = decode(res.data[0].b64_json)
+    torch_rt = load_pipeline(str(tiny))
+    [(refs, _)] = edit_inputs(FAMILY, [(a, None)])
+    ask = ImageAsk("a red fox", size="64x64", steps=2, seed=3, negative_prompt="blurry", true_cfg_scale=4.0)
+    want = np.asarray(torch_rt.generate([resolve(FAMILY, ask, image=refs)]).images[0][0], dtype=float)
+    assert got.shape == (64, 64, 3)
+    gap = np.abs(got - want).mean()
+    assert gap < 1.0, f"mean pixel gap {gap:.3f} of 255 between the engines and torch"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from omni_trt.errors import RequestError, UsageError
+from omni_trt.models import FAMILIES
 from omni_trt.runtime.stepcache import (DEFAULT_THRESHOLD, MagSettings, nearest_changes, counts, interpolate, nearest_ratios, parse_cache_config, plan, ratios_from_norms,
                                         request_settings)
 
@@ -299,19 +300,20 @@ def test_calibration_round_trips_through_the_manifest_and_runs_on_engines(built,
     assert zero.steps == (6, 0) and np.array_equal(np.asarray(zero.images[0][0]), np.asarray(base.images[0][0]))
 
 
-@pytest.mark.parametrize("family", ["flux", "flux2-klein", "qwen-image", "sd3", "z-image"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_reuses_steps_with_cfg(family, tiny_dir):
     """Each family's tiny pipeline with a flat curve (every step reusable): steps reused, with CFG
     where the family has it (Qwen-Image and FLUX.1 true CFG: two transformer calls a step, reused
-    together; the others batch CFG into one call). Exactness against uncached is the servers' test."""
+    together; the others batch CFG into one call; an edit-only family's edit). Exactness against
+    uncached is the servers' test."""
     from omni_trt.models import family_by_name
     from omni_trt.runtime.pipeline import LoadOptions, load_pipeline
-    from omni_trt.runtime.request import ImageAsk, resolve
+    from omni_trt.runtime.request import ImageAsk, edit_only_input, resolve
 
     config = parse_cache_config("mag_cache", '{"mag_ratios": [1, 1, 1], "mag_retention_ratio": 0}')
     rt = load_pipeline(str(tiny_dir(family)), LoadOptions(device="cpu", cache=config), family=family_by_name(family))
     cfg = {"negative_prompt": "blurry", "true_cfg_scale": 2.0, "guidance_scale": 2.0}
     ask = ImageAsk("a cat", size="64x64", steps=3, seed=5, **{k: v for k, v in cfg.items() if k in rt.family.fields})
-    traced = rt.trace([resolve(rt.family, ask, limits=rt.limits, cache=rt.cache_settings)])
+    traced = rt.trace([resolve(rt.family, ask, limits=rt.limits, cache=rt.cache_settings, image=edit_only_input(rt.family, "64x64"))])
     assert (traced.hook.computed, traced.hook.reused) == (1, 2) and np.isfinite(np.asarray(traced.images[0])).all()
     assert traced.hook.calls == (2 if "true_cfg_scale" in rt.family.fields else 1)  # the first step's calls; reuses make none

@@ -9,6 +9,7 @@ import threading
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from omni_trt.models import FAMILIES
 from omni_trt.runtime.pipeline import load_pipeline
@@ -170,18 +171,21 @@ def test_bad_gpt_image_values(http, field, value, status):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_previews_leave_the_final_image_alone_and_the_last_step_is_the_final_image(family, tiny_dir):
     rt = load_pipeline(str(tiny_dir(family)))
-    req = resolve(rt.family, ImageAsk("a red house", size="64x64", steps=4, n=2, seed=9, partial_images=2))
+    # An edit-only family (Edits.generations False) previews an edit; n as one call of its pipeline takes.
+    image = None if rt.family.edits.generations else Image.new("RGB", (64, 64), (200, 40, 40))
+    n = min(2, rt.family.call_images or 2)
+    req = resolve(rt.family, ImageAsk("a red house", size="64x64", steps=4, n=n, seed=9, partial_images=2), image=image)
     got: list = []
     streamed = rt.generate([req], on_preview=lambda *a: got.append(a))
-    plain = rt.generate([resolve(rt.family, ImageAsk("a red house", size="64x64", steps=4, n=2, seed=9))])
-    assert sorted((i, img, p) for i, img, p, _ in got) == [(0, img, p) for img in (0, 1) for p in (0, 1)]
-    assert len(streamed.images[0]) == len(plain.images[0]) == 2
+    plain = rt.generate([resolve(rt.family, ImageAsk("a red house", size="64x64", steps=4, n=n, seed=9), image=image)])
+    assert sorted((i, img, p) for i, img, p, _ in got) == [(0, img, p) for img in range(n) for p in (0, 1)]
+    assert len(streamed.images[0]) == len(plain.images[0]) == n
     for a, b in zip(streamed.images[0], plain.images[0]):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     # The clean prediction at the last step (x_t - sigma_t * v with sigma_next = 0) is exactly the
     # pipeline's final latent: decoded like a preview, it is the final image.
     last: list = []
-    rt._call([req], None, {req.steps - 1: [(0, 0, 0, 0), (1, 0, 1, 0)]}, lambda *a: last.append(a))
-    assert sorted((i, img) for i, img, _, _ in last) == [(0, 0), (0, 1)], "a preview of each image at the last step"
+    rt._call([req], None, {req.steps - 1: [(k, 0, k, 0) for k in range(n)]}, lambda *a: last.append(a))
+    assert sorted((i, img) for i, img, _, _ in last) == [(0, k) for k in range(n)], "a preview of each image at the last step"
     for (_, img, _, picture), final in zip(last, plain.images[0]):
         assert np.abs(np.asarray(picture).astype(int) - np.asarray(final).astype(int)).max() <= 1  # PNG-free: same floats, one rounding

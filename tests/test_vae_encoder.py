@@ -10,6 +10,7 @@ import inspect
 import json
 import shlex
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,8 +51,13 @@ def _mask() -> Image.Image:
 
 def _pixels(family: str, batch: int, height: int, width: int) -> torch.Tensor:
     """What the edit pipelines pass to vae.encode: pixels in [-1, 1], in the spec's layout
-    (Qwen-Image's has a frame axis)."""
-    shape = FAMILIES[family].components["vae_encoder"].shapes(Point(batch, height, width, 1))["image"]
+    (Qwen-Image's has a frame axis); where the pipeline resizes its references itself
+    (Edits.reference_sizes), at the smallest the session build's sizes (conftest.BUILD_ARGS) give."""
+    fam, point = FAMILIES[family], Point(batch, height, width, 1)
+    if fam.edits.reference_sizes:
+        (w, h), _, _ = fam.edits.reference_sizes((64, 64), (128, 128))
+        point = replace(point, reference_height=h, reference_width=w)
+    shape = fam.components["vae_encoder"].shapes(point)["image"]
     return torch.rand(shape, generator=torch.Generator().manual_seed(height + width)) * 2 - 1
 
 

@@ -180,11 +180,17 @@ def profile_points(
     if static:
         p = Point(batch=batch_static, height=oh, width=ow, text_len=topt)
         return p, p, p
+    # References the pipeline resizes itself (Edits.reference_sizes): their own range, per axis, at
+    # every ratio the built sizes let a fitted input image have; an edit-only family's opt has one.
+    refs = family.edits.reference_sizes((lw, lh), (hw, hh)) if family.edits.reference_sizes else ((0, 0),) * 3
+    (rlw, rlh), (row, roh), (rhw, rhh) = refs
     return (
-        Point(batch=batch_lo, height=lh, width=lw, text_len=tlo),
-        Point(batch=min(batch_opt, batch_hi), height=oh, width=ow, text_len=topt),
+        Point(batch=batch_lo, height=lh, width=lw, text_len=tlo, reference_height=rlh, reference_width=rlw),
+        Point(batch=min(batch_opt, batch_hi), height=oh, width=ow, text_len=topt, references=int(not family.edits.generations),
+              reference_height=roh, reference_width=row),
         # The most reference images (Edits.references) at the largest size: edits' tokens stay in range.
-        Point(batch=batch_hi, height=hh, width=hw, text_len=thi, references=family.edits.references),
+        Point(batch=batch_hi, height=hh, width=hw, text_len=thi, references=family.edits.references,
+              reference_height=rhh, reference_width=rhw),
     )
 
 

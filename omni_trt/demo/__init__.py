@@ -24,7 +24,7 @@ TRAINED_DIR = Path(__file__).resolve().parent / "z_image_shapes"
 # Family -> the module here that builds its pipelines (build_tiny, build_real_shapes): this
 # package's modules are named as the families' packages in models/.
 _MODULES = {m.FAMILY.name: m.__name__.rsplit(".", 1)[1] for m in (models.z_image, models.qwen_image, models.flux, models.sd3,
-                                                              models.flux2_klein)}
+                                                              models.flux2_klein, models.qwen_image_edit)}
 
 
 def builders(family: str) -> tuple[Callable[[Path], None], Callable[..., None]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..dtypes import torch_dtype
-from ..models.qwen_image_edit.processor import ImageQwen2VLProcessor
+from ..models.qwen_image_edit.processor import processor_class
 from . import qwen_image as qi
 from .text import qwen2_tokenizer
 from .weights import MAX_SHARD, dtype_scope, init_small, random_model
@@ -48,7 +48,7 @@ def _pipeline(transformer: Any, vae: Any, text: Any, tokenizer: Any) -> Any:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     # Qwen2VLImageProcessor's defaults are the published preprocessor_config.json's.
-    processor = ImageQwen2VLProcessor(Qwen2VLImageProcessorPil(), tokenizer)
+    processor = processor_class()(Qwen2VLImageProcessorPil(), tokenizer)
     return QwenImageEditPlusPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**qi.SCHEDULER_CONFIG), vae=vae,
                                      text_encoder=text, tokenizer=tokenizer, processor=processor, transformer=transformer)
 

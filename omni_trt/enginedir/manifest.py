@@ -57,14 +57,18 @@ class PointEntry(_Entry):
     width: int = Field(ge=1)
     text_len: int = Field(ge=1)
     references: int = Field(0, ge=0)  # reference images the transformer's profile covers (Point.references)
+    reference_height: int = Field(0, ge=0)  # 0: at the point's size (Point.reference_height)
+    reference_width: int = Field(0, ge=0)
 
     @classmethod
     def of(cls, p: Point) -> "PointEntry":
-        return cls(batch=p.batch, height=p.height, width=p.width, text_len=p.text_len, references=p.references)
+        return cls(batch=p.batch, height=p.height, width=p.width, text_len=p.text_len, references=p.references,
+                   reference_height=p.reference_height, reference_width=p.reference_width)
 
     @property
     def point(self) -> Point:
-        return Point(batch=self.batch, height=self.height, width=self.width, text_len=self.text_len, references=self.references)
+        return Point(batch=self.batch, height=self.height, width=self.width, text_len=self.text_len, references=self.references,
+                     reference_height=self.reference_height, reference_width=self.reference_width)
 
 
 class Points(_Entry):

@@ -12,11 +12,12 @@ from .base import COMPONENTS, Defaults, Family, Point, SizeRules
 from .flux import FAMILY as FLUX
 from .flux2_klein import FAMILY as FLUX2_KLEIN
 from .qwen_image import FAMILY as QWEN_IMAGE
+from .qwen_image_edit import FAMILY as QWEN_IMAGE_EDIT
 from .sd3 import FAMILY as SD3
 from .sizes import SizeLimits, parse_size
 from .z_image import FAMILY as Z_IMAGE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (Z_IMAGE, QWEN_IMAGE, FLUX, SD3, FLUX2_KLEIN)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (Z_IMAGE, QWEN_IMAGE, FLUX, SD3, FLUX2_KLEIN, QWEN_IMAGE_EDIT)}
 
 __all__ = [
     "COMPONENTS",

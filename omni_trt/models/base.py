@@ -7,7 +7,7 @@ profiles and runtime range checks are all derived from it, so it is written once
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 if TYPE_CHECKING:  # torch is heavy; the server's pure parts import this module too
@@ -54,7 +54,15 @@ class Point:
     height: int
     width: int
     text_len: int
-    references: int = 0  # reference images at (height, width) the transformer also sees (Edits.references)
+    references: int = 0  # reference images the transformer also sees (Edits.references)
+    # The size of each reference image, where the pipeline resizes them whatever the output size
+    # (Edits.reference_sizes); 0: the point's own height and width.
+    reference_height: int = 0
+    reference_width: int = 0
+
+    def at_reference_size(self) -> "Point":
+        """This point with a reference image's height and width as its own."""
+        return replace(self, height=self.reference_height or self.height, width=self.reference_width or self.width)
 
 
 @dataclass(frozen=True)
@@ -178,6 +186,11 @@ class Edits:
     reference_max_aspect: float | None = None  # the longest side over the shortest a reference may have
     # False: the pipeline needs an input image (an edit-only model): generations are refused.
     generations: bool = True
+    # Where the pipeline resizes every reference to a size of its own whatever the output size
+    # (Qwen-Image-Edit: about 1024x1024 area at the image's aspect): ((min_w, min_h), (max_w, max_h))
+    # output sizes -> the min, opt and max (width, height) a reference then has, per axis, for the
+    # engine profiles. None: references at the output size.
+    reference_sizes: Callable[[tuple[int, int], tuple[int, int]], tuple[tuple[int, int], ...]] | None = None
 
     def pipeline_class(self, task: str) -> str | None:
         """The diffusers class name for `task`; None for "reference": the family's own pipeline."""
@@ -252,6 +265,9 @@ class Family:
     # from_pretrained keyword arguments the family builds itself from the model (a hub id or folder):
     # parts diffusers cannot load as saved (Qwen-Image-Edit: its processor without torchvision).
     load_replacements: Callable[[str], Mapping[str, Any]] | None = None
+    # The most images one pipeline call can make, where the pipeline itself refuses more
+    # (QwenImageEditPlusPipeline: one prompt per call); None: no limit of its own.
+    call_images: int | None = None
 
     def defaults_for(self, index: Mapping[str, Any]) -> Defaults:
         """The request defaults of the model whose model_index.json is `index`."""

@@ -21,7 +21,7 @@ from ..enginedir.manifest import Manifest, StepCacheEntry, now
 from ..files import atomic_write, cache_root
 from ..models import Family
 from .preview import FIT_PROMPTS
-from .request import GenerationRequest, ImageAsk, resolve
+from .request import GenerationRequest, ImageAsk, edit_only_input, resolve
 from .stepcache import CacheConfig, MagSettings, Plan, nearest_changes, nearest_ratios, plan, ratios_from_norms
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,11 @@ def store_calibration(runtime: Any, entry: StepCacheEntry, manifest: bool) -> st
 
 def _requests(runtime: Any, prompts: Sequence[str], width: int, height: int, steps: int, seed: int,
               settings: MagSettings | None) -> list[GenerationRequest]:
-    """The family's own requests (its defaults and checks, as any route's): one a prompt, seeds counting up."""
-    return [resolve(runtime.family, ImageAsk(prompt=p, width=width, height=height, steps=steps, seed=seed + i), cache=settings)
-            for i, p in enumerate(prompts)]
+    """The family's own requests (its defaults and checks, as any route's): one a prompt, seeds
+    counting up; an edit-only family's edit a plain input image (what its warm-up edits too)."""
+    image = edit_only_input(runtime.family, f"{width}x{height}")
+    return [resolve(runtime.family, ImageAsk(prompt=p, width=width, height=height, steps=steps, seed=seed + i), cache=settings,
+                    image=image) for i, p in enumerate(prompts)]
 
 
 def calibrate(runtime: Any, steps: Sequence[int], prompts: Sequence[str] = PROMPTS, size: tuple[int, int] | None = None,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..models import Family
-from .request import ImageAsk, pipeline_kwargs, resolve
+from .request import ImageAsk, edit_only_input, pipeline_kwargs, resolve
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def compile_pipeline(pipe: Any, family: Family, device: str, warmup_size: str | 
     t0 = time.perf_counter()
     how_transformer = compile_transformer(pipe.transformer)
     how_vae = compile_vae_decoder(pipe.vae)
-    req = resolve(family, ImageAsk(WARMUP_PROMPT, size=warmup_size, steps=min(WARMUP_STEPS, family.defaults.steps), seed=0))
+    req = resolve(family, ImageAsk(WARMUP_PROMPT, size=warmup_size, steps=min(WARMUP_STEPS, family.defaults.steps), seed=0),
+                  image=edit_only_input(family, warmup_size))  # an edit-only family warms up with an edit
     size = f"{req.width}x{req.height}"
     log.info("torch-compile: transformer %s, VAE decoder %s; warming up at %s (%d steps)", how_transformer, how_vae, size, req.steps)
     with torch.inference_mode():

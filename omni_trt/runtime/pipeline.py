@@ -262,9 +262,12 @@ class PipelineRuntime:
         return out
 
     def max_images(self, guidance_scale: float | None, cap: int | None = None) -> int | None:
-        """Images one pipeline call can take: `cap` (the operator's) and the engines' batch
-        ranges (None: no limit). Where CFG doubles the transformer batch, half as many."""
+        """Images one pipeline call can take: `cap` (the operator's), the pipeline's own limit
+        (Family.call_images) and the engines' batch ranges (None: no limit). Where CFG doubles
+        the transformer batch, half as many."""
         limits = [cap] if cap else []
+        if self.family.call_images:
+            limits.append(self.family.call_images)
         batch = self.swap.batch_limits if self.swap else {}
         if "transformer" in batch:
             limits.append(batch["transformer"] // self.family.transformer_batch(1, guidance_scale))

@@ -255,6 +255,17 @@ def check_references(family: Family, limits: SizeLimits, images: Any, mask: Any,
     return tuple(fit_inputs(im, None, *limits.fit(*im.size))[0] for im in images)
 
 
+def edit_only_input(family: Family, size: str | None) -> Any:
+    """None, or for an edit-only family (Edits.generations False) a plain grey input image at `size`
+    (None: the family's default size): what a warm-up or a benchmark edits where others generate."""
+    if family.edits.generations:
+        return None
+    from PIL import Image
+
+    width, height = parse_size(size) if size else (family.defaults.width, family.defaults.height)
+    return Image.new("RGB", (width, height), (128, 128, 128))
+
+
 def fit_inputs(image: Any, mask: Any, width: int, height: int) -> tuple[Any, Any]:
     """The edit's input (and mask) at the output size: not every family's edit pipeline resizes it
     itself (ZImageImg2ImgPipeline takes the image's own size), so every family gets it the same."""

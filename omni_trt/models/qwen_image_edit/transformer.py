@@ -33,9 +33,11 @@ REAL_EDIT_CONFIG: dict[str, Any] = dict(REAL_CONFIG, zero_cond_t=True)
 
 
 def tokens(p: Point, patch_size: int = 2) -> int:
-    """Image tokens at a point: the generated image's and `p.references` references' at its size."""
+    """Image tokens at a point: the generated image's, then `p.references` references' at their own
+    size (Point.reference_height/width; the pipeline resizes them to about 1024x1024 area)."""
     rows, cols = image_grid(p, patch_size)
-    return rows * cols * (1 + p.references)
+    ref_rows, ref_cols = image_grid(p.at_reference_size(), patch_size)
+    return rows * cols + p.references * ref_rows * ref_cols
 
 
 def is_reference(img_shapes: Any) -> Any:
@@ -136,7 +138,8 @@ def _reference_case(model: Any, point: Point, dtype: Any, generator: Any) -> Ref
     valid = [t] + [int(v) for v in torch.randint(1, t + 1, (b - 1,), generator=generator)]
     mask = torch.arange(t)[None, :] < torch.tensor(valid)[:, None]
     timestep = torch.rand((b,), generator=generator).to(dtype)
-    img_shapes = [[(1, rows, cols)] * (1 + point.references)] * b  # the pipeline's list: output, then references
+    refs = [(1, *image_grid(point.at_reference_size(), cfg.patch_size))] * point.references
+    img_shapes = [[(1, rows, cols), *refs]] * b  # the pipeline's list: output, then references
     with torch.no_grad():
         sample = model(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                        encoder_hidden_states_mask=mask, timestep=timestep, img_shapes=img_shapes, return_dict=False)[0]
