@@ -5,12 +5,14 @@ Z-Image pipeline (the demo model issue 19 measured), built into this run's cache
     .venv/bin/python benchmarks/streaming.py --out benchmarks/results/streaming-cpu.json
 
 1. Previews: one server per --preview-decoder (full: a VAE decode per preview, as before issue 19;
-   linear: the fitted latent-to-RGB map), both up at once and their requests interleaved, so drift
-   hits each alike. Per size (512x512 and 1024x1024, 8 steps): the same request unstreamed and
+   linear: the fitted latent-to-RGB map; mlp: the fitted per-pixel network, serve's default), all
+   up at once and their requests interleaved, so drift hits each alike. Per size (512x512 and 1024x1024, 8 steps): the same request unstreamed and
    streamed with 0 and 3 partial images, medians; the streamed/unstreamed ratios; when the first
    partial image arrives, also as a share of the unstreamed time. Then, in this process, the cost
-   of one preview against one full decode at each size (map + upsample to <= 512 px + PNG, against
-   VAE decode + postprocess + full-size PNG).
+   of one preview of each fitted map against one full decode at each size (map + upsample to
+   <= 512 px + PNG, against VAE decode + postprocess + full-size PNG), and against one denoising
+   step (the unstreamed time less one full decode, over the steps: a step's share, text encoding
+   included).
 2. Abandonment: a long request (512x512, 100 steps) whose client leaves after 0.3 s, then a small
    one: how long the small one waited behind the abandoned work. `--abandon-only` runs just this
    part (it needs nothing but HTTP, so it measures older servers too: copy this file and
@@ -92,39 +94,56 @@ def bench_previews(urls: dict[str, str], sizes: list[str], steps: int, partials:
     return out
 
 
-def preview_cost(model: str, sizes: list[str], repeats: int = 5) -> dict:
-    """One preview's own cost against one full decode, in this process: the linear map + upsample
-    + PNG, against VAE decode + postprocess + PNG of the full image. Medians of `repeats`."""
+def preview_cost(model: str, sizes: list[str], kinds: list[str], repeats: int = 5) -> dict:
+    """One preview's own cost against one full decode, in this process: each fitted map (`kinds`)
+    + upsample + PNG, against VAE decode + postprocess + PNG of the full image. Medians of `repeats`."""
     import torch
 
     from omni_trt.runtime.pipeline import LoadOptions, load_pipeline
     from omni_trt.server.encoding import encode_image
 
-    rt = load_pipeline(model, LoadOptions(preview_decoder="linear"))
+    rts = {k: load_pipeline(model, LoadOptions(preview_decoder=k)) for k in kinds}
+    rt = rts[kinds[0]]
     layout, factor = rt.family.latent_layout, rt.pipe.vae_scale_factor
-    out: dict = {"fit": rt.preview.fit}
+    out: dict = {"fit": {k: r.preview.fit for k, r in rts.items()}}
     for size in sizes:
         w, h = (int(v) for v in size.split("x"))
         grid = torch.randn(1, layout.channels(rt.pipe), h // factor, w // factor, generator=torch.Generator().manual_seed(0))
-        times: dict[str, list[float]] = {k: [] for k in ("linear_decode", "linear_png", "full_decode", "full_png")}
+        times: dict[str, list[float]] = {k: [] for k in ("full_decode", "full_png", *(f"{m}_{p}" for m in kinds for p in ("decode", "png")))}
         for _ in range(repeats):
             t0 = time.perf_counter()
-            small = rt.preview.images(grid, w, h)[0]
-            t1 = time.perf_counter()
-            encode_image(small, "png")
-            t2 = time.perf_counter()
             with torch.inference_mode():
                 full = rt.pipe.image_processor.postprocess(layout.decode(rt.pipe, grid), output_type="pil")[0]
-            t3 = time.perf_counter()
+            t1 = time.perf_counter()
             encode_image(full, "png")
-            t4 = time.perf_counter()
-            for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                times[k].append(dt)
-        row = {k: med_ms(v) for k, v in times.items()}
+            times["full_decode"].append(t1 - t0)
+            times["full_png"].append(time.perf_counter() - t1)
+            for k, r in rts.items():
+                t0 = time.perf_counter()
+                small = r.preview.images(grid, w, h)[0]
+                t1 = time.perf_counter()
+                encode_image(small, "png")
+                times[f"{k}_decode"].append(t1 - t0)
+                times[f"{k}_png"].append(time.perf_counter() - t1)
+        row: dict = {k: med_ms(v) for k, v in times.items()}
         row["preview_size"] = f"{small.size[0]}x{small.size[1]}"
-        row["linear_share_of_full"] = round((row["linear_decode"] + row["linear_png"]) / (row["full_decode"] + row["full_png"]), 4)
+        for k in kinds:
+            row[f"{k}_share_of_full"] = round((row[f"{k}_decode"] + row[f"{k}_png"]) / (row["full_decode"] + row["full_png"]), 4)
         out[size] = row
     return out
+
+
+def step_shares(result: dict, steps: int) -> None:
+    """Each fitted preview's cost against one step: (unstreamed - one full decode) / steps, from the
+    run's own numbers (the servers' unstreamed medians, this process's decode)."""
+    cost = result["preview_cost"]
+    for size, decoders in result["previews"]["sizes"].items():
+        row = cost[size]
+        base = next(iter(decoders.values()))["unstreamed_ms"]
+        step = (base - row["full_decode"] - row["full_png"]) / steps
+        row["step_ms_estimate"] = round(step, 1)
+        for k in cost["fit"]:
+            row[f"{k}_share_of_step"] = round((row[f"{k}_decode"] + row[f"{k}_png"]) / step, 3) if step > 0 else None
 
 
 def bench_abandon(url: str) -> dict:
@@ -160,7 +179,7 @@ def main() -> int:
     ap.add_argument("--sizes", default="512x512,1024x1024")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--partials", default="0,3", help="partial_images values streamed (default: 0,3)")
-    ap.add_argument("--decoders", default="full,linear", help="--preview-decoder of each server (default: full,linear)")
+    ap.add_argument("--decoders", default="full,linear,mlp", help="--preview-decoder of each server (default: full,linear,mlp)")
     ap.add_argument("--model", default=None, help="MODEL for omni serve (default: the tiny random-weight Z-Image pipeline)")
     ap.add_argument("--abandon-only", action="store_true")
     ap.add_argument("--out", default=None)
@@ -184,7 +203,10 @@ def main() -> int:
         finally:
             for s in servers.values():
                 stop_server(s, 60)
-        result["preview_cost"] = preview_cost(model, sizes)
+        kinds = [d for d in args.decoders.split(",") if d != "full"]
+        if kinds:
+            result["preview_cost"] = preview_cost(model, sizes, kinds)
+            step_shares(result, args.steps)
     server = start_server([model, "--max-batch-size", "1"], cache=cache)
     try:
         result["abandon"] = bench_abandon(server.url)

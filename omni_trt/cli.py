@@ -311,10 +311,11 @@ def _add_serve_parser(sub: Any) -> None:
     g.add_argument("--ray-address", default=None, metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto); "
                    "default: start a local one")
     g.add_argument("--threads", type=positive_int, default=None, metavar="T", help="torch CPU threads (per replica with --replicas; default: torch's)")
-    p.add_argument("--preview-decoder", choices=("linear", "full"), default="linear", help=(
-        "what makes streamed partial images: linear (a latent-to-RGB map fitted to the VAE decoder at load and cached under "
-        "$OMNI_TRT_CACHE/previews; previews at most 512 px on the long side, for a small fraction of a decode) or full (a full "
-        "VAE decode per preview, at the image's size). The final image is the full decoder's either way (default: linear)"))
+    p.add_argument("--preview-decoder", choices=("mlp", "linear", "full"), default="mlp", help=(
+        "what makes streamed partial images: mlp (a small per-pixel network from the latent channels to RGB) or linear (a "
+        "latent-to-RGB linear map), either fitted to the VAE decoder at load and cached under $OMNI_TRT_CACHE/previews, "
+        "previews at most 512 px on the long side, for a small fraction of a decode; or full (a full VAE decode per preview, "
+        "at the image's size). The final image is the full decoder's either way (default: mlp)"))
     g = p.add_argument_group("torch-compile")
     g.add_argument("--warmup-size", default=None, metavar="WxH", help=(
         "--runtime torch-compile: the image size compiled and warmed up before /health says ready (default: the family's "

@@ -6,8 +6,6 @@ picture (PSNR, SSIM against the uncached images of the same prompts and seeds) a
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -20,6 +18,7 @@ import torch
 from ..enginedir.manifest import Manifest, StepCacheEntry, now
 from ..files import atomic_write, cache_root
 from ..models import Family
+from .modulekey import module_key
 from .preview import FIT_PROMPTS
 from .request import GenerationRequest, ImageAsk, edit_only_input, resolve
 from .stepcache import CacheConfig, MagSettings, Plan, nearest_changes, nearest_ratios, plan, ratios_from_norms
@@ -56,22 +55,6 @@ class StepCache:
     def describe(self) -> dict[str, Any]:
         return {"backend": "mag_cache", **self.settings.describe(), "calibrated_steps": sorted(self.ratios),
                 "calibration": self.source}
-
-
-def module_key(module: Any, *names: Any) -> str | None:
-    """What names a module's weights for a cache file: `names` (an engine's sha256, the family),
-    its class and config, and, where it has parameters (torch), a strided sample of each. None:
-    a stand-in with nothing to name it."""
-    params = list(module.named_parameters())
-    if not params and not any(names):
-        return None
-    h = hashlib.sha256(":".join(map(str, (*names, type(module).__name__))).encode() + b"\n")
-    h.update(json.dumps(dict(getattr(module, "config", {}) or {}), sort_keys=True, default=str).encode())
-    for name, p in params:
-        flat = p.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 32)][:32].float().cpu()
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:".encode() + sample.numpy().tobytes())
-    return h.hexdigest()
 
 
 def _engine_dir(runtime: Any) -> Path | None:

@@ -70,8 +70,8 @@ class LoadOptions:
     vae_slicing: bool = False
     vae_tiling: bool = False
     warmup_size: str | None = None  # torch-compile: the WxH compiled at load (None: the family's default)
-    # Partial images: "linear" (runtime.preview's map, fitted or read from its cache at load; what
-    # `omni serve` defaults to) or "full" (the VAE decoder; nothing to fit, for callers that never stream).
+    # Partial images: "mlp" or "linear" (runtime.preview's maps, fitted or read from its cache at load;
+    # `omni serve` defaults to mlp) or "full" (the VAE decoder; nothing to fit, for callers that never stream).
     preview_decoder: str = "full"
     lora: LoraOptions | None = None  # adapters served (None: no `lora` field)
     cache: CacheConfig = CacheConfig()  # the step cache (--cache-backend, --cache-config); default none
@@ -254,7 +254,7 @@ class PipelineRuntime:
             out["engine_profile"] = dict(self.swap.profile)
         if self.compiled:
             out["compile"] = self.compiled.describe()
-        out["preview_decoder"] = "linear" if self.preview is not None else "full"
+        out["preview_decoder"] = self.preview.kind if self.preview is not None else "full"
         if self.adapters is not None:
             out["lora"] = self.adapters.describe()
         out["cache"] = self.step_cache.describe() if self.step_cache is not None else {"backend": "none"}
@@ -452,7 +452,7 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
     from_pretrained so the replaced weights are never read. source: where to load from when it
     is not `model` itself (a hub model's local snapshot of configs). torch_compile: compile the
     transformer and VAE decoder and warm them up at options.warmup_size (runtime.compiled).
-    options.preview_decoder "linear": the preview map is loaded or fitted here (runtime.preview)."""
+    options.preview_decoder "mlp" or "linear": the preview map is loaded or fitted here (runtime.preview)."""
     from diffusers import DiffusionPipeline
 
     options = options or LoadOptions()
@@ -480,7 +480,7 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
         pipe.vae.enable_tiling()
     log.info("loaded in %.1fs", time.perf_counter() - t0)
     # Fitted on the eager VAE and before the stage timers: its decodes are neither compiled nor timed.
-    preview = _linear_preview(pipe, family, swap) if options.preview_decoder == "linear" else None
+    preview = _linear_preview(pipe, family, swap, options.preview_decoder) if options.preview_decoder != "full" else None
     # Before PipelineRuntime hooks its stage timers on: those stay outside the compiled graphs.
     compiled = compile_pipeline(pipe, family, device, options.warmup_size) if torch_compile else None
     adapters = _adapters(pipe, options.lora, swap, compiled) if options.lora else None
@@ -513,12 +513,12 @@ def _adapters(pipe: Any, lora: LoraOptions, swap: EngineSwap | None, compiled: C
     return SessionAdapters(swap.lora_engine, registry, weights, max_sessions=lora.max_sessions, **kw)
 
 
-def _linear_preview(pipe: Any, family: Family, swap: EngineSwap | None) -> LinearPreview | None:
-    """The linear preview map, or None (full decodes, with a warning) where it cannot be fitted:
-    previews are never worth a model that does not load."""
+def _linear_preview(pipe: Any, family: Family, swap: EngineSwap | None, kind: str = "linear") -> LinearPreview | None:
+    """The preview map of `kind` (mlp, linear), or None (full decodes, with a warning) where it
+    cannot be fitted: previews are never worth a model that does not load."""
     limits = (swap.limits if swap else None) or SizeLimits.of(family)
     try:
-        return load_or_fit(pipe, family, limits, swap.decoder_id if swap else None)
+        return load_or_fit(pipe, family, limits, swap.decoder_id if swap else None, kind=kind)
     except Exception as e:
-        log.warning("preview decoder: no linear map (%s: %s); previews are full VAE decodes", type(e).__name__, e)
+        log.warning("preview decoder: no %s map (%s: %s); previews are full VAE decodes", kind, type(e).__name__, e)
         return None

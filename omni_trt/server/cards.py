@@ -36,8 +36,9 @@ class RuntimeInfo(BaseModel):
     components: dict[str, str] | None = Field(None, description="Component -> what runs it, where engines are swapped in.")
     engine_profile: dict[str, Any] | None = Field(None, description="Component -> the built min/max request points.")
     compile: dict[str, Any] | None = Field(None, description="torch-compile: what was compiled, the warm-up size and its seconds.")
-    preview_decoder: str | None = Field(None, description="What makes streamed partial images: linear (a fitted latent-to-RGB map, "
-                                        "at most 512 px) or full (the VAE decoder, full size).")
+    preview_decoder: str | None = Field(None, description="What makes streamed partial images: mlp (a fitted per-pixel network "
+                                        "from latent to RGB) or linear (a fitted latent-to-RGB map), at most 512 px, or full "
+                                        "(the VAE decoder, full size).")
     lora: dict[str, Any] | None = Field(None, description="LoRA adapters: how a set is applied (set_adapters, onnxruntime session, "
                                         "tensorrt refit), switches so far, and the merged sessions held (onnxruntime).")
     cache: dict[str, Any] | None = Field(None, description="The step cache: backend (none or mag_cache), its mag_* settings, the step "
