@@ -61,7 +61,7 @@ def test_serve_without_a_model_listens_first_then_serves_the_demo(demo_server):
     assert not (cache / "demo").exists(), "the trained demo model is package data: nothing is built"
     card = httpx.get(f"{url}/v1/models").json()["data"][0]
     assert card["id"] == "omni-trt/demo-z-image"
-    assert (card["defaults"]["size"], card["defaults"]["num_inference_steps"]) == ("64x64", 8), card  # its folder's defaults
+    assert (card["defaults"]["size"], card["defaults"]["num_inference_steps"]) == ("128x128", 8), card  # its folder's defaults
 
 
 def test_examples_run_unchanged_against_the_server(demo_server, tmp_path):

@@ -3,8 +3,8 @@
 drawn here, on a CPU in minutes.
 
     python -m omni_trt.demo.train OUT [--seed 0] [--vae-steps N] [--decoder-steps N] [--dit-steps N] [--resume DIR [--new-transformer]]
-                                      [--dit-lr LR] [--edge-weight W] [--ema DECAY] [--checkpoint-every N]
-    python -m omni_trt.demo.train DIR --evaluate [--grid PNG]     # score a trained folder
+                                      [--dit-lr LR] [--edge-weight W] [--caption-dropout P] [--ema DECAY] [--checkpoint-every N]
+    python -m omni_trt.demo.train DIR --evaluate [--size S] [--steps N] [--guidance G] [--grid PNG]     # score a trained folder
 
 First the AutoencoderKL learns to reconstruct the drawn pictures (its own encode/decode; a small
 KL term), and its latent scale and shift are set from the latents' statistics as Z-Image's
@@ -67,6 +67,7 @@ class Settings:
     new_transformer: bool = False  # with resume: keep its VAE and text encoder, train a new transformer
     checkpoint_every: int = 0  # write the folder (EMA weights) every this many transformer steps; 0: at the end only
     edge_weight: float = 0.0  # extra loss weight on latent cells the shape's outline crosses (see outline_weights)
+    caption_dropout: float = 0.0  # share of pictures trained with the empty prompt (what classifier-free guidance subtracts)
 
 
 def draw(p: quality.Picture, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -226,14 +227,15 @@ def encode_dataset(pipe: Any, s: Settings, rng: np.random.Generator, rescale: bo
     return pics, mean, outline
 
 
-def caption_features(pipe: Any) -> dict[quality.Picture, Any]:
-    """The frozen text encoder's features of every caption, as ZImagePipeline encodes them."""
+def caption_features(pipe: Any) -> dict[quality.Picture | None, Any]:
+    """The frozen text encoder's features of every caption, as ZImagePipeline encodes them; under
+    None the empty prompt's (the pipeline's negative prompt when guidance is on)."""
     import torch
 
     every = quality.all_pictures()
     with torch.no_grad():
-        feats = pipe._encode_prompt([quality.caption(p) for p in every], device=torch.device("cpu"))
-    return dict(zip(every, feats))
+        feats = pipe._encode_prompt([quality.caption(p) for p in every] + [""], device=torch.device("cpu"))
+    return dict(zip([*every, None], feats))
 
 
 def training_timesteps(sched: Any, n: int, gen: Any) -> Any:
@@ -261,8 +263,9 @@ def ema_of(model: Any, decay: float) -> Any:
 def train_transformer(pipe: Any, data: tuple[list[quality.Picture], Any, Any], s: Settings, rng: np.random.Generator,
                       checkpoint: Callable[[], None] | None = None) -> list[float]:
     """Flow matching on the VAE's scaled latents with the scheduler's training timesteps (the
-    squared error weighted 1 + s.edge_weight on the shape's outline); the transformer ends with its EMA weights. checkpoint: called every s.checkpoint_every steps
-    with the EMA weights in place."""
+    squared error weighted 1 + s.edge_weight on the shape's outline; a share s.caption_dropout of
+    pictures with the empty prompt); the transformer ends with its EMA weights. checkpoint: called
+    every s.checkpoint_every steps with the EMA weights in place."""
     import torch
 
     pics, latents, outline = data
@@ -283,8 +286,10 @@ def train_transformer(pipe: Any, data: tuple[list[quality.Picture], Any, Any], s
             noise = torch.randn(x0.shape, generator=gen)
             timesteps = training_timesteps(sched, s.batch, gen)
             xt = sched.scale_noise(x0, timesteps, noise)
-            out = model(list(xt.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, [caps[pics[int(i)]] for i in idx],
-                        return_dict=False)[0]
+            asked = [pics[int(i)] for i in idx]
+            if s.caption_dropout > 0:  # drawn only then, so runs without it keep their random streams
+                asked = [None if drop else p for p, drop in zip(asked, torch.rand(s.batch, generator=gen) < s.caption_dropout)]
+            out = model(list(xt.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, [caps[p] for p in asked], return_dict=False)[0]
             weight = 1 + s.edge_weight * outline[idx]
             loss = (weight * (torch.stack(out).squeeze(2) - (x0 - noise)) ** 2).mean()
             _step(loss, opt, lr, losses, bar, window=50, clip=model.parameters())
@@ -310,8 +315,10 @@ def _with_weights(model: Any, weights: dict[str, Any], call: Callable[[], None])
         model.train()
 
 
-def generate(pipe: Any, prompts: list[tuple[str, int]], size: int = SIZE, steps: int = DEFAULT_STEPS, batch: int = 10) -> list[np.ndarray]:
-    """Images (HxWx3 uint8) of (prompt, seed) pairs, through ZImagePipeline's own call."""
+def generate(pipe: Any, prompts: list[tuple[str, int]], size: int = SIZE, steps: int = DEFAULT_STEPS, batch: int = 10,
+             guidance: float = 0.0) -> list[np.ndarray]:
+    """Images (HxWx3 uint8) of (prompt, seed) pairs, through ZImagePipeline's own call (guidance > 0:
+    classifier-free guidance against the empty prompt, twice the transformer's work)."""
     import torch
 
     images: list[np.ndarray] = []
@@ -319,7 +326,7 @@ def generate(pipe: Any, prompts: list[tuple[str, int]], size: int = SIZE, steps:
         for start in range(0, len(prompts), batch):
             chunk = prompts[start:start + batch]
             gens = [torch.Generator().manual_seed(seed) for _, seed in chunk]
-            out = pipe([p for p, _ in chunk], height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
+            out = pipe([p for p, _ in chunk], height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                        generator=gens, output_type="np").images
             images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
     return images
@@ -345,24 +352,31 @@ def save_grid(images: list[np.ndarray], path: Path, columns: int = 10) -> None:
     Image.fromarray(grid).save(path)
 
 
-def evaluate(model: Path, grid: Path | None = None, steps: int = DEFAULT_STEPS, size: int = SIZE) -> quality.Score:
+def evaluate(model: Path, grid: Path | None = None, steps: int | None = None, size: int | None = None,
+             guidance: float | None = None) -> quality.Score:
     """Load a trained folder with DiffusionPipeline.from_pretrained, score it over the fixed
-    prompts and seeds; grid: also write their pictures there."""
+    prompts and seeds at the request defaults it carries (DEFAULTS_FILE; SIZE and DEFAULT_STEPS
+    without one) where steps, size or guidance is None; grid: also write their pictures there."""
     from diffusers import DiffusionPipeline
 
+    from ..runtime.loader import DEFAULTS_FILE
+
+    path = Path(model) / DEFAULTS_FILE
+    carried = json.loads(path.read_text()) if path.is_file() else {}
     pipe = DiffusionPipeline.from_pretrained(model)
     prompts = quality.benchmark_prompts()
-    images = generate(pipe, prompts, size, steps)
+    images = generate(pipe, prompts, size or carried.get("width", SIZE), steps or carried.get("steps", DEFAULT_STEPS),
+                      guidance=carried.get("guidance_scale", 0.0) if guidance is None else guidance)
     if grid is not None:
         save_grid(images, grid)
     return quality.score([quality.parse_caption(p) for p, _ in prompts], [quality.read_picture(im) for im in images])
 
 
-def write_defaults(out: Path, size: int = SIZE, steps: int = DEFAULT_STEPS) -> None:
-    """The request defaults the pipeline folder carries: the size it learnt, the steps it draws well with."""
+def write_defaults(out: Path, size: int = SIZE, steps: int = DEFAULT_STEPS, guidance: float = 0.0) -> None:
+    """The request defaults the pipeline folder carries: the size it learnt, the steps (and guidance) it draws well with."""
     from ..runtime.loader import DEFAULTS_FILE  # the loader reads it
 
-    (out / DEFAULTS_FILE).write_text(json.dumps({"steps": steps, "width": size, "height": size, "guidance_scale": 0.0}, indent=2) + "\n")
+    (out / DEFAULTS_FILE).write_text(json.dumps({"steps": steps, "width": size, "height": size, "guidance_scale": guidance}, indent=2) + "\n")
 
 
 def train(out: Path, s: Settings = Settings(), log: Callable[[str], None] = print, resume: Path | None = None) -> dict[str, Any]:
@@ -421,21 +435,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-transformer", action="store_true", help="with --resume: keep its VAE and text encoder, train a new transformer")
     p.add_argument("--edge-weight", type=float, default=d.edge_weight, help="extra loss weight on latent cells the shape's outline crosses (default: 0)")
     p.add_argument("--ema", type=float, default=d.ema, help=f"EMA decay of the saved transformer weights (default: {d.ema})")
+    p.add_argument("--caption-dropout", type=float, default=d.caption_dropout,
+                   help="share of pictures trained with the empty prompt, so guidance (--guidance) has one to subtract (default: 0)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="also write OUT every N transformer steps (EMA weights), to score a long run as it goes")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1: small kernels gain little from more on a shared machine)")
     p.add_argument("--evaluate", action="store_true", help="train nothing: score the pipeline in OUT over the fixed prompts and seeds")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"--evaluate: inference steps (default: {DEFAULT_STEPS})")
-    p.add_argument("--size", type=int, default=d.size, help=f"the pictures' side: trained on, the folder's default size, or with --evaluate scored at (default: {d.size})")
+    p.add_argument("--steps", type=int, default=None, help="--evaluate: inference steps (default: the folder's own default)")
+    p.add_argument("--size", type=int, default=None, help=f"the pictures' side: trained on and the folder's default size (default: {d.size}), "
+                   "or with --evaluate scored at (default: the folder's own default)")
+    p.add_argument("--guidance", type=float, default=None, help="--evaluate: guidance scale (default: the folder's own default)")
     p.add_argument("--grid", type=Path, default=None, help="--evaluate: also write the pictures as one PNG here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.evaluate:
-        print(json.dumps(evaluate(Path(args.out), args.grid, args.steps, args.size).__dict__))
+        print(json.dumps(evaluate(Path(args.out), args.grid, args.steps, args.size, args.guidance).__dict__))
         return 0
     train(Path(args.out), Settings(args.seed, args.vae_steps, args.decoder_steps, args.dit_steps, args.batch, args.latent_images,
-                                   dit_lr=args.dit_lr, size=args.size, ema=args.ema, edge_weight=args.edge_weight, new_transformer=args.new_transformer,
-                                   checkpoint_every=args.checkpoint_every), resume=args.resume)
+                                   dit_lr=args.dit_lr, size=args.size or d.size, ema=args.ema, edge_weight=args.edge_weight, new_transformer=args.new_transformer,
+                                   checkpoint_every=args.checkpoint_every, caption_dropout=args.caption_dropout), resume=args.resume)
     return 0
 
 
