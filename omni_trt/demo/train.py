@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..models import DEFAULTS_FILE
 from . import quality
 from .autoencoder import autoencoder_kl_config
 from .text import QWEN3_CHAT_TEMPLATE, qwen2_tokenizer
@@ -359,8 +360,6 @@ def evaluate(model: Path, grid: Path | None = None, steps: int | None = None, si
     without one) where steps, size or guidance is None; grid: also write their pictures there."""
     from diffusers import DiffusionPipeline
 
-    from ..runtime.loader import DEFAULTS_FILE
-
     path = Path(model) / DEFAULTS_FILE
     carried = json.loads(path.read_text()) if path.is_file() else {}
     pipe = DiffusionPipeline.from_pretrained(model)
@@ -374,8 +373,6 @@ def evaluate(model: Path, grid: Path | None = None, steps: int | None = None, si
 
 def write_defaults(out: Path, size: int = SIZE, steps: int = DEFAULT_STEPS, guidance: float = 0.0) -> None:
     """The request defaults the pipeline folder carries: the size it learnt, the steps (and guidance) it draws well with."""
-    from ..runtime.loader import DEFAULTS_FILE  # the loader reads it
-
     (out / DEFAULTS_FILE).write_text(json.dumps({"steps": steps, "width": size, "height": size, "guidance_scale": guidance}, indent=2) + "\n")
 
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from ..errors import ModelNotFound, UnsupportedModel
 from ..hub import model_dir
-from .base import COMPONENTS, Defaults, Family, Point, SizeRules
+from .base import COMPONENTS, DEFAULTS_FILE, Defaults, Family, Point, SizeRules
 from .flux import FAMILY as FLUX
 from .flux2_klein import FAMILY as FLUX2_KLEIN
 from .qwen_image import FAMILY as QWEN_IMAGE
@@ -22,6 +22,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (Z_IMAGE, QWEN_IMAGE, FLUX, SD
 __all__ = [
     "COMPONENTS",
     "FAMILIES",
+    "DEFAULTS_FILE",
     "Defaults",
     "Family",
     "ModelNotFound",

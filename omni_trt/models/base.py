@@ -21,6 +21,12 @@ EDIT_TASKS = ("img2img", "inpaint")  # no mask: image-to-image; a mask: inpainti
 REFERENCE_TASK = "reference"
 
 
+# A pipeline folder may carry its own request defaults (the trained demo model draws 128x128 in a
+# few steps, not its family's 1024x1024): runtime.loader reads them from the folder, so no code
+# checks a model's name; the demo's trainer writes them.
+DEFAULTS_FILE = "omni_trt_defaults.json"
+
+
 @dataclass(frozen=True)
 class Defaults:
     """Request defaults of a family; the same on every endpoint."""

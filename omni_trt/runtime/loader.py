@@ -18,7 +18,7 @@ from .. import hub, ort
 from ..dtypes import torch_dtype
 from ..enginedir import Manifest, trt_flavor
 from ..errors import EngineDirError, UsageError
-from ..models import Defaults, Family, SizeLimits, detect_family, family_by_name, read_model_index
+from ..models import DEFAULTS_FILE, Defaults, Family, SizeLimits, detect_family, family_by_name, read_model_index
 from .compiled import KIND as TORCH_COMPILE
 from .engines import MissingEngine, OnnxRuntimeEngine, ProfiledEngine, TensorRTEngine
 from .pipeline import EngineSwap, LoadOptions, PipelineRuntime, load_pipeline
@@ -156,11 +156,6 @@ def resolve_model(model: str | None, engine_dir: str | Path | None = None) -> Mo
         return ModelRef(None, None, DEMO_FAMILY, DEMO_NAME, defaults=carried_defaults(family_by_name(DEMO_FAMILY), TRAINED_DIR))
     family = detect_family(model)
     return ModelRef(model, None, family.name, str(model), defaults=carried_defaults(family, model))
-
-
-# A pipeline folder may carry its own request defaults (the trained demo model draws 64x64 in a few
-# steps, not its family's 1024x1024): read from the folder, so no code checks a model's name.
-DEFAULTS_FILE = "omni_trt_defaults.json"
 
 
 def carried_defaults(family: Family, model: str | Path) -> Defaults | None:
