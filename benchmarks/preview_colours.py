@@ -56,14 +56,14 @@ class Pooled:
         return identity.images(pixels, width, height)
 
 
-def agreement(rt, prompts, last_grids: list | None = None) -> dict:
+def agreement(rt, prompts, last_grids: list | None = None, size: str | None = None) -> dict:
     from omni_trt.demo.quality import read_picture
     from omni_trt.runtime.request import ImageAsk, resolve
 
     bg = fg = 0
     for prompt, seed in prompts:
         got: list = []
-        req = resolve(rt.family, ImageAsk(prompt, size="64x64", steps=8, seed=seed, partial_images=3))
+        req = resolve(rt.family, ImageAsk(prompt, size=size, steps=8, seed=seed, partial_images=3))
         final = rt.generate([req], on_preview=lambda *a: got.append(a)).images[0][0]
         last = max(got, key=lambda a: a[2])[3].convert("RGB").resize(final.size)
         seen, want = read_picture(np.asarray(last)), read_picture(np.asarray(final.convert("RGB")))
@@ -78,17 +78,20 @@ def held_back_rmse(rt, preview, grids) -> float:
     """Colour RMSE (0..1) of a map against the full decoder pooled to the latent grid, on `grids`."""
     import torch
 
-    from omni_trt.runtime.preview import colour_rmse, pooled_pairs
+    from omni_trt.runtime.preview import MARGIN, colour_rmse, pooled_pairs
 
     g = torch.cat(grids)
     _, y = pooled_pairs(lambda x: rt.family.latent_layout.decode(rt.pipe, x), g)
-    got = preview.pixels(g).permute(0, 2, 3, 1).reshape(-1, 3).double()
+    got = preview.pixels(g)
+    m = MARGIN if min(g.shape[-2:]) > 2 * MARGIN + 4 else 0  # the border pooled_pairs leaves out
+    got = (got[..., m:-m, m:-m] if m else got).permute(0, 2, 3, 1).reshape(-1, 3).double()
     return round(colour_rmse(got, y), 4)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=30)
+    ap.add_argument("--size", default=None, help="WxH (default: the demo model's own default size)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/preview-colours-cpu.json"))
     args = ap.parse_args()
     os.environ["OMNI_TRT_CACHE"] = tempfile.mkdtemp(prefix="omni-previews-")  # fitted here, not read from a cache
@@ -100,23 +103,24 @@ def main() -> None:
 
     model = resolve_model(None, None)
     prompts = benchmark_prompts(args.prompts)
-    out: dict = {"model": "omni-trt/demo-z-image", "size": "64x64", "steps": 8, "partial_images": 3,
+    out: dict = {"model": "omni-trt/demo-z-image", "size": args.size, "steps": 8, "partial_images": 3,
                  "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
     grids: list = []
     maps = {}
     for kind in ("mlp", "linear"):
         rt = load_runtime(model, options=LoadOptions(preview_decoder=kind))
         maps[kind] = rt.preview
-        out[kind] = {"fit": rt.preview.fit, **agreement(replace(rt, preview=Recorder(rt.preview)), prompts, grids if not grids else None)}
+        out["size"] = args.size or f"{rt.family.defaults.width}x{rt.family.defaults.height}"
+        out[kind] = {"fit": rt.preview.fit, **agreement(replace(rt, preview=Recorder(rt.preview)), prompts, grids if not grids else None, args.size)}
     w, h = preview.fit_size(rt.family, SizeLimits.of(rt.family))
     factor = int(rt.pipe.vae_scale_factor)
     maps["random_latents"] = preview.fit_linear(lambda g: rt.family.latent_layout.decode(rt.pipe, g), rt.preview.channels, h // factor, w // factor)
-    out["random_latents"] = {"fit": maps["random_latents"].fit, **agreement(replace(rt, preview=maps["random_latents"]), prompts)}
+    out["random_latents"] = {"fit": maps["random_latents"].fit, **agreement(replace(rt, preview=maps["random_latents"]), prompts, size=args.size)}
     for kind, m in maps.items():
         out[kind]["last_preview_rmse"] = held_back_rmse(rt, m, grids)  # on the benchmark prompts' last-preview latents
     # the same previews decoded by the VAE itself: how far the prediction at the last preview's step agrees at all
-    out["full_decoder"] = agreement(replace(rt, preview=None), prompts)
-    out["full_decoder_pooled"] = agreement(replace(rt, preview=Pooled(rt)), prompts)
+    out["full_decoder"] = agreement(replace(rt, preview=None), prompts, size=args.size)
+    out["full_decoder_pooled"] = agreement(replace(rt, preview=Pooled(rt)), prompts, size=args.size)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     json.dump(out, sys.stdout, indent=1)
 
