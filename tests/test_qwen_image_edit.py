@@ -171,6 +171,13 @@ def test_engine_profiles_cover_the_references_the_pipeline_makes():
         assert enc[0][3] <= rh <= enc[2][3] and enc[0][4] <= rw <= enc[2][4], (w, h)
         assert 64 * 64 + 3 * (rw // 16) * (rh // 16) <= trf[2][1]
 
+    # One static shape cannot hold references of each input's own size: refused, naming the flag.
+    from omni_trt.errors import UsageError
+
+    with pytest.raises(UsageError, match="without --static") as e:
+        profile_points(FAMILY, "transformer", (lo_size, (512, 512), hi_size), 1, (1, 256, 1024), static=True)
+    assert e.value.param == "--static"
+
 
 @pytest.fixture(scope="module")
 def engines(built):

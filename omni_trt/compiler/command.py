@@ -64,7 +64,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument(
         "--static", action="store_true",
         help="one fixed shape (the opt size, --max-batch images, the opt text length) instead of a range: "
-        "faster to build, and requests must match it",
+        "faster to build, and requests must match it (refused for a model whose pipeline resizes its input images "
+        "itself, Qwen-Image-Edit: no one shape holds them)",
     )
     p.add_argument(
         "--opt-level", type=int, default=DEFAULT_OPT_LEVEL, choices=range(6), metavar="0-5",

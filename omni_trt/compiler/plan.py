@@ -178,6 +178,9 @@ def profile_points(
     else:
         batch_lo, batch_opt, batch_hi, batch_static = 1, 1, max_batch, max_batch
     if static:
+        if family.edits.reference_sizes:  # each input's own size, whatever the output's: no one shape serves edits
+            raise UsageError("--static builds one shape, but this model's pipeline resizes every input image to a size of "
+                             "its own (about 1024x1024 in area, the input's aspect): build without --static", "--static")
         p = Point(batch=batch_static, height=oh, width=ow, text_len=topt)
         return p, p, p
     # References the pipeline resizes itself (Edits.reference_sizes): their own range, per axis, at
