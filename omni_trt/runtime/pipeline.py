@@ -24,7 +24,7 @@ from .compiled import CompileInfo, compile_pipeline
 from .denoise import StepHook
 from .edits import edit_pipeline
 from .preview import DECODERS as PREVIEW_DECODERS
-from .preview import LinearPreview, load_or_fit
+from .preview import PreviewMap, load_or_fit, predicted_clean
 from .promptcache import PromptCache
 from .request import GenerationRequest, pipeline_kwargs
 from .stepcache import CacheConfig
@@ -167,7 +167,7 @@ class PipelineRuntime:
     dtype: str
     swap: EngineSwap | None = None  # the engines swapped in; None: plain torch
     compiled: CompileInfo | None = None  # torch-compile: what was compiled, the warm-up's cost
-    preview: LinearPreview | None = None  # partial images from this map; None: full VAE decodes
+    preview: PreviewMap | None = None  # partial images from this map; None: full VAE decodes
     # LoRA: the registry and what switches sets (runtime.adapters: TorchAdapters, InPlaceAdapters,
     # SessionAdapters or RefitAdapters); None: no adapters served. Changed only under _lock.
     adapters: Any = None
@@ -386,10 +386,8 @@ class PipelineRuntime:
     def _counting_step(self, pipe: Any, hook: StepHook, previews: Mapping[int, list[tuple[int, int, int, int]]],
                        on_preview: Preview | None, height: int, width: int) -> Callable[..., Any]:
         """The scheduler's own step, which also ends the step cache's step (`hook`) and decodes the
-        predicted clean latents at the preview steps. Every served family samples with flow matching, where the clean
-        prediction is x0 = x_t - sigma_t * v: exact, whatever CFG the pipeline combined v from.
-        Decoded by the linear map where there is one (small previews), else by the VAE as the
-        final image is (full-size previews)."""
+        predicted clean latents (preview.predicted_clean) at the preview steps: by the fitted map
+        where there is one (small previews), else by the VAE as the final image is (full-size previews)."""
         scheduler = pipe.scheduler
         real = type(scheduler).step.__get__(scheduler)
 
@@ -398,8 +396,7 @@ class PipelineRuntime:
             hook.end_step()
             wanted = previews.get(scheduler.step_index - 1)
             if wanted:
-                sigma = scheduler.sigmas[scheduler.step_index - 1].to(device=sample.device, dtype=torch.float32)
-                x0 = sample.float() - sigma * model_output.float()
+                x0 = predicted_clean(scheduler, sample, model_output)
                 rows = torch.tensor([w[0] for w in wanted], device=sample.device)
                 if self.preview is not None:
                     grid = self.family.latent_layout.grid(pipe, x0[rows], height, width)
@@ -480,7 +477,7 @@ def load_pipeline(model: str, options: LoadOptions | None = None, family: Family
         pipe.vae.enable_tiling()
     log.info("loaded in %.1fs", time.perf_counter() - t0)
     # Fitted on the eager VAE and before the stage timers: its decodes are neither compiled nor timed.
-    preview = _linear_preview(pipe, family, swap, options.preview_decoder) if options.preview_decoder != "full" else None
+    preview = _fitted_preview(pipe, family, swap, options.preview_decoder) if options.preview_decoder != "full" else None
     # Before PipelineRuntime hooks its stage timers on: those stay outside the compiled graphs.
     compiled = compile_pipeline(pipe, family, device, options.warmup_size) if torch_compile else None
     adapters = _adapters(pipe, options.lora, swap, compiled) if options.lora else None
@@ -513,7 +510,7 @@ def _adapters(pipe: Any, lora: LoraOptions, swap: EngineSwap | None, compiled: C
     return SessionAdapters(swap.lora_engine, registry, weights, max_sessions=lora.max_sessions, **kw)
 
 
-def _linear_preview(pipe: Any, family: Family, swap: EngineSwap | None, kind: str = "linear") -> LinearPreview | None:
+def _fitted_preview(pipe: Any, family: Family, swap: EngineSwap | None, kind: str) -> PreviewMap | None:
     """The preview map of `kind` (mlp, linear), or None (full decodes, with a warning) where it
     cannot be fitted: previews are never worth a model that does not load."""
     limits = (swap.limits if swap else None) or SizeLimits.of(family)

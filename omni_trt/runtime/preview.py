@@ -138,9 +138,6 @@ class PreviewMap:
         return cls(weight, bias, dict(data.get("fit", {})), bool(data.get("unit_rms", True)), hidden, t.get("hidden_bias"), t.get("out"))
 
 
-LinearPreview = PreviewMap  # the earlier name (a linear map was the only kind)
-
-
 def sample_latents(channels: int, height: int, width: int, smooth: bool, generator: torch.Generator) -> torch.Tensor:
     """One random (1, C, h, w) latent grid, unit variance per channel: white noise, or noise at a
     quarter of the resolution upsampled (smooth, like an image's latents)."""
@@ -381,19 +378,25 @@ def _generate(pipe: Any, family: Family, prompts: list[tuple[str, int]], width: 
     return list(grids.unbind(0))
 
 
+def predicted_clean(scheduler: Any, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    """Called after the scheduler's step: the step's predicted clean latents, float32. Every served
+    family samples with flow matching, where x0 = x_t - sigma_t * v: exact, whatever CFG the
+    pipeline combined v from."""
+    sigma = scheduler.sigmas[scheduler.step_index - 1].to(device=sample.device, dtype=torch.float32)
+    return sample.float() - sigma * model_output.float()
+
+
 @contextmanager
 def _clean_latents(scheduler: Any, first: int, into: list[torch.Tensor]) -> Iterator[None]:
     """The scheduler's step, also putting each step's predicted clean latents from step `first` on
-    into `into`. Every served family samples with flow matching: x0 = x_t - sigma_t * v, as the
-    runtime's previews compute it."""
+    into `into` (predicted_clean, as the runtime's previews take them)."""
     before = scheduler.__dict__.get("step")  # a wrapper already there stays under this one
     real = scheduler.step
 
     def step(model_output: Any, timestep: Any, sample: Any, *args: Any, **kwargs: Any) -> Any:
         out = real(model_output, timestep, sample, *args, **kwargs)
-        index = scheduler.step_index - 1
-        if index >= first:
-            into.append(sample.float() - scheduler.sigmas[index].to(sample.device, torch.float32) * model_output.float())
+        if scheduler.step_index - 1 >= first:
+            into.append(predicted_clean(scheduler, sample, model_output))
         return out
 
     scheduler.step = step
