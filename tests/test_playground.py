@@ -265,3 +265,35 @@ def test_the_cache_switch_shows_steps_computed_and_reused(page, tmp_path):
         page.get_by_role("button", name="Generate").click()
         expect(caption).to_have_text("final, 64x64, steps computed 6 / reused 0")
         assert page.problems == []
+
+
+def test_an_edit_only_model_asks_for_an_image_before_anything_is_sent(page, tiny_dir, tmp_path):
+    """The card says whether input images are required; for an edit-only model (Qwen-Image-Edit)
+    the form will not submit without one, and with one it edits through /v1/images/edits."""
+    from omni_trt.runtime.pipeline import LoadOptions, load_pipeline
+
+    rt = load_pipeline(str(tiny_dir("qwen-image-edit")), LoadOptions(device="cpu"))
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.full((64, 64, 3), (200, 40, 40), np.uint8)).save(picture)
+    with live_server(lambda: rt) as live:
+        assert httpx.get(live.url + "/v1/models").json()["data"][0]["input_images"] == "required"
+        page.goto(live.url + "/")
+        card_loaded(page)
+        inputs = page.get_by_label("Images to edit")
+        expect(inputs).to_have_js_property("required", True)
+        expect(page.locator("#inputs-hint")).to_contain_text("Required")
+        fill(page, "make it blue", "64x64", steps=2, partials=0, seed=3)
+        page.get_by_role("button", name="Generate").click()
+        assert inputs.evaluate("el => el.validity.valueMissing") is True
+        expect(page.locator("figure")).to_have_count(0)  # nothing was sent: the browser held the form
+        inputs.set_input_files(str(picture))
+        page.get_by_role("button", name="Generate").click()
+        expect(page.locator("figure[data-state='final'] a[download]")).to_have_count(1, timeout=60_000)
+        assert page.problems == []
+
+
+def test_a_model_that_generates_leaves_input_images_optional(server, page):
+    assert httpx.get(server.url + "/v1/models").json()["data"][0]["input_images"] == "optional"
+    page.goto(server.url + "/")
+    card_loaded(page)
+    expect(page.get_by_label("Images to edit")).to_have_js_property("required", False)

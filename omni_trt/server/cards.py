@@ -58,6 +58,9 @@ class ModelCard(RuntimeInfo):
     max_batch: int | None = Field(None, description="Most images per pipeline call at the default guidance.")
     max_prompt_tokens: int | None = Field(None, description="Longest prompt this server takes, in the model's tokens.")
     max_megapixel_steps: float | None = Field(None, description="Most width x height x n x steps / 1e6 one request may ask for.")
+    input_images: Literal["optional", "required"] | None = Field(
+        None, description="required: an edit-only model, which draws from input images only (POST /v1/images/edits); "
+        "optional: generations and edits.")
     # A LoRA adapter's card (vLLM's shape): the served model it applies to, and what it changes. Never a path.
     parent: str | None = Field(None, description="A LoRA adapter's card: the served model it applies to; the id is the adapter's name.")
     root: str | None = Field(None, description="A LoRA adapter's card: the same as parent (vLLM's field).")

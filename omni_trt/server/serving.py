@@ -154,6 +154,7 @@ class ImageServing:
                 "max_batch": rt.max_batch(self.options.max_batch_size),
                 "max_prompt_tokens": self.caps.max_prompt_tokens,
                 "max_megapixel_steps": self.caps.max_megapixel_steps,
+                "input_images": "optional" if rt.family.edits.generations else "required",
             }
         cards = ModelList.one(self.options.served_model_name, self.created, rt is not None, **fields)
         return cards.with_adapters(adapter_cards(rt, self.options.served_model_name))

@@ -69,6 +69,11 @@ async function loadModel() {
   $("model").textContent = `${card.id} (${card.family}, ${card.runtime} on ${card.device}). Sizes: ${card.sizes}.`;
   fillSizes(card);
   $("cache-box").hidden = card.cache?.backend !== "mag_cache"; // the switch only where the server runs a step cache
+  if (card.input_images === "required") {
+    // An edit-only model: the form will not submit without an image, instead of a 400 after the fact.
+    $("inputs").required = true;
+    $("inputs-hint").textContent = "Required: this model only edits images (/v1/images/edits); the prompt says how.";
+  }
   if ($("steps").value === "") $("steps").value = card.defaults.num_inference_steps; // keep what the user typed
 }
 
