@@ -10,6 +10,8 @@ weight values, so the weights are small random normals.
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -176,7 +178,8 @@ def build_real_shapes(out_dir: Path, dtype: str = "bf16", *, overrides: Mapping[
     # gammas (shaped (C, 1, 1, 1)) and decode noise; the default init stays finite.
     with dtype_scope(dt):
         vae = AutoencoderKLQwenImage(**VAE_CONFIG).eval()
-    text = text_encoder(tokenizer, TEXT_CONFIG)
-    init_small(text)
+    # Built on meta and given storage in `dtype` (as the transformer): a float32 build, its init pass
+    # and a cast took ~6 s for the 0.24B one-layer encoder, ~1.5 s this way.
+    text = random_model(functools.partial(text_encoder, tokenizer), {"text_config": TEXT_CONFIG}, dt)
     transformer = random_model(QwenImageTransformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt)
-    _pipeline(transformer, vae, text.to(dt).eval(), tokenizer).save_pretrained(Path(out_dir), max_shard_size=MAX_SHARD)
+    _pipeline(transformer, vae, text, tokenizer).save_pretrained(Path(out_dir), max_shard_size=MAX_SHARD)

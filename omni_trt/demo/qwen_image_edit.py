@@ -10,6 +10,8 @@ tokenizer with the vision tokens added, saved in the published layout.
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -79,7 +81,6 @@ def build_real_shapes(out_dir: Path, dtype: str = "bf16", *, overrides: Mapping[
     tokenizer = _tokenizer()
     with dtype_scope(dt):
         vae = AutoencoderKLQwenImage(**qi.VAE_CONFIG).eval()
-    text = _text_encoder(tokenizer, qi.TEXT_CONFIG)
-    init_small(text)
+    text = random_model(functools.partial(_text_encoder, tokenizer), {"text_config": qi.TEXT_CONFIG}, dt)  # as qi's
     transformer = random_model(QwenImageTransformer2DModel, {**TRANSFORMER_CONFIG, **(overrides or {})}, dt)
-    _pipeline(transformer, vae, text.to(dt).eval(), tokenizer).save_pretrained(Path(out_dir), max_shard_size=MAX_SHARD)
+    _pipeline(transformer, vae, text, tokenizer).save_pretrained(Path(out_dir), max_shard_size=MAX_SHARD)
