@@ -1,7 +1,8 @@
 """How well the demo model draws, through the serving code: the checker (omni_trt/demo/quality.py)
 over its 30 fixed prompts and seeds at the model's own defaults (omni_trt_defaults.json), on
 torch and on ONNX Runtime engines built from the same folder (`omni build-engine --onnx-only`,
-timed), and whether the checker gives both the same answer per image.
+timed), and whether the checker gives both the same answer per image. Also, on torch, 60 other
+prompts and seeds (benchmark_prompts(60, seed=1), seeds from 11000): a model picked on the 30 must score there too.
 
     python benchmarks/demo_quality.py [MODEL_DIR] [--threads 1] [--out benchmarks/results/demo-quality-cpu.json]
 """
@@ -52,6 +53,8 @@ def main() -> None:
     rt = load_runtime(resolve_model(str(model)))
     d = rt.family.defaults
     on_torch = drawn(rt, prompts)
+    others = [(p, seed + 10_000) for p, seed in quality.benchmark_prompts(60, seed=1)]  # other noise as well
+    held_out = quality.score([quality.parse_caption(p) for p, _ in others], drawn(rt, others))
     with tempfile.TemporaryDirectory(prefix="demo-quality-") as tmp:
         t0 = time.monotonic()
         subprocess.run([sys.executable, "-m", "omni_trt.cli", "build-engine", str(model), "--onnx-only", "--engine-dir", tmp,
@@ -61,7 +64,8 @@ def main() -> None:
     out = {"model": str(model.relative_to(ROOT) if model.is_relative_to(ROOT) else model),
            "size": f"{d.width}x{d.height}", "steps": d.steps, "prompts": len(prompts), "threads": args.threads,
            "torch": quality.score(asked, on_torch).__dict__, "onnxruntime": quality.score(asked, on_ort).__dict__,
-           "same_answer": sum(a == b for a, b in zip(on_torch, on_ort)), "onnx_build_seconds": round(build_s, 1)}
+           "same_answer": sum(a == b for a, b in zip(on_torch, on_ort)), "onnx_build_seconds": round(build_s, 1),
+           "torch_other_60_prompts": held_out.__dict__}
     print(json.dumps(out))
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 

@@ -96,13 +96,13 @@ def demo_score(demo_runtime) -> quality.Score:
 
 def test_the_committed_demo_model_draws_the_colours_it_is_asked(demo_score):
     """What the committed model reaches (README: 30 fixed prompts and seeds at its defaults, 128x128,
-    8 steps): background 1.0, foreground 1.0; chance is 1/6. A retrained model must not fall below the target."""
+    8 steps): background 1.0, foreground 1.0; chance is 1/6."""
     assert demo_score.bg >= 0.9 and demo_score.fg >= 0.9, demo_score
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20's shape target (>= 0.8) is not reached yet: the colours are "
-                   "(1.0 and 1.0) and shape is 0.70 (triangles and circles mostly right, squares mostly read as circles)")
 def test_the_committed_demo_model_meets_the_targets(demo_score):
+    """Issue 20's targets: colours >= 0.9 and shape >= 0.8 over the 30 fixed prompts (README: 1.0,
+    1.0 and 0.87; on 60 other prompts and seeds 0.92)."""
     assert demo_score.meets(colour=0.9, shape=0.8), demo_score
 
 

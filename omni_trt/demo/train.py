@@ -42,9 +42,10 @@ DEFAULT_STEPS = 8  # what the demo draws with by default (measured: see README)
 # Four stages (x8 like the real VAE), 16 latent channels as Z-Image's transformer and export specs
 # expect; the full-resolution stage stays 16 wide so large images decode as fast as the random demo's.
 VAE_CONFIG: dict[str, Any] = dict(autoencoder_kl_config(SCALING, SHIFT, tiny=True), block_out_channels=(16, 16, 32, 32))
-# Wider and deeper than the random tiny transformer (head_dim 32 = sum(axes_dims)), still tiny:
-# at 96 wide and 3 layers (1.1M parameters) it learnt colours and place but drew blobs.
-TRANSFORMER_CONFIG: dict[str, Any] = dict(TINY_TRANSFORMER_CONFIG, dim=128, n_heads=4, n_kv_heads=4, n_layers=4, n_refiner_layers=1)
+# Wider and deeper than the random tiny transformer (head_dim 32 = sum(axes_dims)), still tiny (3.7M
+# parameters): at 96 wide and 3 layers (1.1M) it learnt colours and place but drew blobs; at 128 wide
+# and 4 layers (1.9M) squares came out rounded and uneven (shape 0.70, a plateau in longer training).
+TRANSFORMER_CONFIG: dict[str, Any] = dict(TINY_TRANSFORMER_CONFIG, dim=160, n_heads=5, n_kv_heads=5, n_layers=6, n_refiner_layers=1)
 
 
 # The tokenizer's merges also learn the grammar's words, so a caption is a few tokens (one pad-to-32 block).
